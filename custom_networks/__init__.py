@@ -1,0 +1,14 @@
+"""HyperSpace for MONAI: spacing-adaptive segmentation with hypernetworks.
+
+The network (:class:`HyperUNet`, :class:`PlainUNet`, both built from one :class:`UNetLayout`) and
+the training / inference pieces MONAI lacks around it.
+"""
+
+from .engine import PrepareBatchSpacing, SpacingSlidingWindowInferer, batch_spacing
+from .hyperspace import HyperUNet
+from .layout import UNetLayout
+from .spacing import SPACING_POLICIES, SpacingRange, as_spacing_tensor, parse_spacing, working_spacing
+from .transforms import RandSpacingPatchd, SpacingPolicyd
+from .unet import PlainUNet
+
+__version__ = "0.1.0"

@@ -1,0 +1,83 @@
+"""Handing the spacing to the network inside MONAI's ignite engines and inferers.
+
+MONAI's ``PrepareBatchExtraInput`` forwards extra batch entries, but a spacing must also be
+derivable from the image's affine when no transform stored it, and MONAI's sliding-window
+inference strips image metadata and batches windows of several images together: the network
+would not know which spacing a window has. These two pieces close that gap.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
+from monai.engines import PrepareBatchExtraInput
+from monai.inferers import SlidingWindowInferer
+
+from .spacing import as_spacing_tensor
+
+__all__ = ["PrepareBatchSpacing", "SpacingSlidingWindowInferer", "batch_spacing"]
+
+
+def batch_spacing(images: torch.Tensor, spacing=None) -> torch.Tensor:
+    """The ``(B, D)`` spacing (mm) of a batch: ``spacing`` if given, else from the images' affines.
+
+    Raises:
+        ValueError: if neither is available or the spacing is invalid.
+    """
+    dims = images.dim() - 2
+    if spacing is None:
+        if not isinstance(images, MetaTensor):
+            raise ValueError(
+                "the batch has no 'spacing' entry and its images carry no affine; expected a (B, "
+                f"{dims}) spacing in mm or MetaTensor images (e.g. from LoadImaged)."
+            )
+        affine = images.affine
+        affine = affine if affine.dim() == 3 else affine[None].expand(images.shape[0], -1, -1)
+        spacing = torch.stack([torch.as_tensor(affine_to_spacing(a, r=dims)) for a in affine])
+    return as_spacing_tensor(spacing, images.shape[0], dims, device=images.device)
+
+
+class PrepareBatchSpacing(PrepareBatchExtraInput):
+    """``prepare_batch`` for MONAI engines that passes ``spacing=(B, D)`` (mm) to the network.
+
+    The spacing comes from the batch's ``spacing_key`` (stored by
+    :class:`~custom_networks.transforms.RandSpacingPatchd` or
+    :class:`~custom_networks.transforms.SpacingPolicyd`) or, if absent, from the image affines.
+    Networks receive it as the keyword argument ``spacing``; :class:`PlainUNet` accepts and
+    ignores it, so baselines use the same engines.
+
+    Example (bundle config)::
+
+        "prepare_batch": {"_target_": "custom_networks.PrepareBatchSpacing"}
+    """
+
+    def __init__(self, spacing_key: str = "spacing", image_key: str = "image"):
+        super().__init__(extra_keys={"spacing": spacing_key})
+        self.spacing_key = spacing_key
+        self.image_key = image_key
+
+    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs: Any):
+        batchdata = dict(batchdata)
+        batchdata[self.spacing_key] = batch_spacing(batchdata[self.image_key], batchdata.get(self.spacing_key))
+        return super().__call__(batchdata, device, non_blocking, **kwargs)
+
+
+class SpacingSlidingWindowInferer(SlidingWindowInferer):
+    """MONAI's ``SlidingWindowInferer`` that hands each window its image's spacing.
+
+    ``inferer(inputs, network, spacing=None)``: ``spacing`` is ``(B, D)`` in mm (or taken from the
+    inputs' affines). Images of the batch are processed one after another so that every window
+    batch has a single spacing, i.e. a single generated weight set. All other arguments are
+    MONAI's (``roi_size``, ``sw_batch_size``, ``overlap``, ``mode``, ...).
+    """
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, spacing=None, **kwargs: Any):
+        spacing = batch_spacing(inputs, spacing)
+        outputs = [
+            super(SpacingSlidingWindowInferer, self).__call__(inputs[b : b + 1], network, *args, spacing=spacing[b : b + 1], **kwargs)
+            for b in range(inputs.shape[0])
+        ]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
