@@ -61,6 +61,8 @@ class PrepareBatchSpacing(PrepareBatchExtraInput):
 
     def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs: Any):
         batchdata = dict(batchdata)
+        # MONAI's default_prepare_batch reads the image from "image": honour a custom image_key
+        batchdata["image"] = batchdata[self.image_key]
         batchdata[self.spacing_key] = batch_spacing(batchdata[self.image_key], batchdata.get(self.spacing_key))
         return super().__call__(batchdata, device, non_blocking, **kwargs)
 

@@ -92,6 +92,9 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         normalize: z-score the ``"bilinear"`` keys.
         nonzero: z-score statistics over non-zero voxels only (skull-stripped MR, e.g. BraTS).
         spacing_key: where the drawn spacing is stored.
+        samples_per_spacing: draw a new spacing every this many samples. Set it to the batch size
+            (with ``drop_last=True``) for one spacing per batch, hence one generated weight set and
+            one batched convolution per step: a DataLoader worker assembles whole batches.
     """
 
     def __init__(
@@ -105,10 +108,16 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         normalize: bool = True,
         nonzero: bool = False,
         spacing_key: str = "spacing",
+        samples_per_spacing: int = 1,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.spacing_range = SpacingRange.from_config(spacing_range)
+        if int(samples_per_spacing) < 1:
+            raise ValueError(f"samples_per_spacing must be >= 1, got {samples_per_spacing}.")
+        self.samples_per_spacing = int(samples_per_spacing)
+        self._drawn = 0
+        self._spacing: tuple[float, ...] = ()
         self.patch_size = tuple(int(p) for p in patch_size)
         if len(self.patch_size) != self.spacing_range.spatial_dims or min(self.patch_size) < 1:
             raise ValueError(
@@ -127,8 +136,16 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         self.nonzero = nonzero
         self.spacing_key = spacing_key
 
-    def randomize(self, data=None) -> None:  # the draws depend on the sample, see _draw
-        pass
+    def set_random_state(self, seed=None, state=None) -> "RandSpacingPatchd":
+        super().set_random_state(seed, state)
+        self._drawn = 0  # a re-seeded transform repeats its draws exactly
+        return self
+
+    def randomize(self, data=None) -> None:
+        """Draw the spacing (every ``samples_per_spacing`` calls); the centre is drawn per sample."""
+        if self._drawn % self.samples_per_spacing == 0:
+            self._spacing = self.spacing_range.sample(self.R)
+        self._drawn += 1
 
     def _draw_center(self, shape, source, target, label) -> np.ndarray:
         """Patch centre in source voxel coordinates (continuous)."""
@@ -158,13 +175,18 @@ class RandSpacingPatchd(Randomizable, MapTransform):
             )
         source = image_spacing(ref, dims)
         shape = tuple(ref.shape[1:])
-        target = self.spacing_range.sample(self.R)
+        self.randomize()
+        target = self._spacing
         label = d.get(self.label_key) if self.label_key else None
         center = self._draw_center(shape, source, target, label)
 
         # source voxel coordinate of every patch voxel, per axis
         factor = np.asarray(target) / np.asarray(source)
-        coords = [center[a] + (np.arange(p) - (p - 1) / 2) * factor[a] for a, p in enumerate(self.patch_size)]
+        start = center - (np.asarray(self.patch_size) - 1) / 2 * factor
+        # on axes kept at the source spacing, patch voxels sit on source voxels: an exact crop, no
+        # interpolation blur, as the image is at native-spacing inference
+        start = np.where(np.isclose(factor, 1.0), np.round(start), start)
+        coords = [start[a] + np.arange(p) * factor[a] for a, p in enumerate(self.patch_size)]
         sigma = antialias_sigma(source, target)
         margin = [int(math.ceil(4 * s)) + 1 for s in sigma]
         lo = [max(0, int(math.floor(c[0])) - m) for c, m in zip(coords, margin)]
