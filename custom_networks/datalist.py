@@ -1,0 +1,250 @@
+"""MONAI data lists from the official BraTS 2021, SPIDER and MM-WHS folder layouts.
+
+The layouts themselves (file templates, case id pattern, modalities) live in
+:mod:`custom_networks.datasets`; this module finds the cases, pairs each image with its label,
+splits them reproducibly and writes the list atomically. Command line::
+
+    python -m custom_networks.datalist brats --root /data/BraTS2021 --output datalist.json
+    python -m custom_networks.datalist spider --root /data/SPIDER --modality t2 --output spider_t2.json
+
+The JSON file has the Medical Segmentation Decathlon form that ``monai.data.load_decathlon_datalist``
+reads: ``{"name", "description", "modality", "labels": {"0": "background", ...}, "training": [...],
+"validation": [...], "test": [...]}``, each item ``{"image": path, "label": path}`` with absolute paths
+(so the file works from any working directory; regenerate it when the data moves).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import sys
+import tempfile
+
+import numpy as np
+
+from .datasets import DATASETS, DatasetSpec, get_dataset
+
+__all__ = ["find_cases", "make_datalist", "split_cases", "write_json_atomic"]
+
+
+def _template_regex(template: str, case_pattern: str, modality: str) -> re.Pattern:
+    """A regex for a layout template; a second ``{case}`` must repeat the first (BraTS folder and file)."""
+    parts, seen_case = [], False
+    for part in re.split(r"(\{case\}|\{modality\})", template):
+        if part == "{case}":
+            parts.append("(?P=case)" if seen_case else f"(?P<case>{case_pattern})")
+            seen_case = True
+        elif part == "{modality}":
+            parts.append(re.escape(modality))
+        else:
+            parts.append(re.escape(part))
+    return re.compile("".join(parts) + r"\Z")
+
+
+def _natural_key(case: str) -> list:
+    """Sort ``2`` before ``10`` (SPIDER ids are plain numbers)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", case)]
+
+
+def _cases_on_disk(spec: DatasetSpec, root: str, modality: str) -> dict[str, str]:
+    """Case id -> image path for every file under ``root`` that fits the layout."""
+    pattern = spec.image_template.format(case="*", modality=modality)
+    regex = _template_regex(spec.image_template, spec.case_pattern, modality)
+    found = {}
+    for path in glob.glob(os.path.join(root, pattern)):
+        match = regex.match(os.path.relpath(path, root).replace(os.sep, "/"))
+        if match:
+            found[match.group("case")] = path
+    return found
+
+
+def _layout_hint(spec: DatasetSpec, root: str, modality: str) -> str:
+    """Why nothing matched, when another modality or data set layout does match."""
+    others = [m for m in spec.modalities if m != modality and _cases_on_disk(spec, root, m)]
+    if others:
+        return f" Found {spec.name} images of modality {others}: pass modality={others[0]!r}?"
+    for other in DATASETS.values():
+        if other.image_template != spec.image_template and _cases_on_disk(other, root, other.modality):
+            return f" The folder looks like a {other.name} data set: pass dataset={other.name!r}?"
+    return ""
+
+
+def find_cases(dataset: str | DatasetSpec, root: str, modality: str | None = None) -> list[dict[str, str]]:
+    """Every case of ``dataset`` under ``root``: ``[{"image": path, "label": path}, ...]``.
+
+    Paths are absolute; cases are in natural order of their ids (``BraTS2021_00000`` ...,
+    SPIDER ``1, 2, ..., 10``). Files that do not fit the layout are ignored.
+
+    Args:
+        dataset: a registry name (``"brats"``, ``"spider"``, ``"spider_discs"``, ``"mmwhs"``) or spec.
+        root: the data set folder as distributed.
+        modality: which image to pair with the label (default: the spec's, e.g. BraTS ``"t1ce"``,
+            SPIDER ``"t1"``; SPIDER also ``"t2"``, whose masks are ``masks/N_t2.mha``).
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist; no image fits the layout (the message gives the
+            expected pattern, and the data set or modality that does fit, if any); an image has no
+            label (naming the image and the expected label path).
+        NotADirectoryError: ``root`` is a file.
+        ValueError: unknown data set or modality.
+    """
+    spec = get_dataset(dataset)
+    modality = spec.modality if modality is None else str(modality)
+    if modality not in spec.modalities:
+        raise ValueError(f"{spec.name} has no modality {modality!r}; expected one of {spec.modalities}.")
+    root = os.path.abspath(os.path.expanduser(str(root)))
+    example = spec.image_template.format(case="<case>", modality=modality)
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"{spec.name} data folder {root} does not exist; expected a folder holding {example}.")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"{spec.name} data folder {root} is a file; expected a folder holding {example}.")
+    images = _cases_on_disk(spec, root, modality)
+    if not images:
+        pattern = os.path.join(root, spec.image_template.format(case="*", modality=modality))
+        raise FileNotFoundError(
+            f"no {spec.name} images in {root}: expected files matching {pattern} with a case id matching "
+            f"'{spec.case_pattern}'.{_layout_hint(spec, root, modality)}"
+        )
+    items, missing = [], []
+    for case in sorted(images, key=_natural_key):
+        label = os.path.join(root, spec.label_template.format(case=case, modality=modality))
+        if not os.path.isfile(label):
+            missing.append(f"{images[case]} (expected label {label})")
+        items.append({"image": images[case], "label": label})
+    if missing:
+        shown = "; ".join(missing[:5]) + (f"; and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{len(missing)} {spec.name} image(s) without a label: {shown}.")
+    return items
+
+
+def _count(n: int, fraction: float) -> int:
+    """Cases for a split of ``fraction``: at least one unless the fraction is 0."""
+    return 0 if fraction == 0 else max(1, int(round(n * fraction)))
+
+
+def split_cases(items: list, val_fraction: float = 0.2, test_fraction: float = 0.1, seed: int = 0) -> dict[str, list]:
+    """Split ``items`` into training, validation and test lists, reproducibly.
+
+    A ``numpy.random.RandomState(seed)`` permutation of ``items`` (in the given, sorted order): the
+    first ``round(n * test_fraction)`` go to test, the next ``round(n * val_fraction)`` to
+    validation, the rest to training, each list in permutation order. A non-zero fraction gets at
+    least one case, so with the defaults every split is non-empty from 3 cases on.
+
+    Raises:
+        ValueError: a fraction outside [0, 1), fractions summing to 1 or more, or too few cases to
+            leave one for training.
+    """
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= float(f) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {f}.")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}.")
+    n = len(items)
+    n_test, n_val = _count(n, test_fraction), _count(n, val_fraction)
+    if n - n_test - n_val < 1:
+        raise ValueError(
+            f"{n} case(s) are too few for {n_val} validation and {n_test} test case(s) plus one for training; "
+            f"need at least {n_test + n_val + 1}, or lower val_fraction / test_fraction."
+        )
+    order = np.random.RandomState(seed).permutation(n)
+    parts = (("training", order[n_test + n_val :]), ("validation", order[n_test : n_test + n_val]), ("test", order[:n_test]))
+    return {key: [items[i] for i in idx] for key, idx in parts}
+
+
+def write_json_atomic(data, path: str) -> str:
+    """Write ``data`` as JSON to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    A reader sees the old file or the complete new one, never half a file; on an error the temporary
+    file is removed and ``path`` is untouched. Returns the absolute path.
+    """
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        # mkstemp creates the file private (0600); give it the mode an ordinary open() would
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def make_datalist(
+    dataset: str | DatasetSpec,
+    root: str,
+    output: str | None = None,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    modality: str | None = None,
+) -> dict:
+    """The data list of ``dataset`` under ``root``, split reproducibly; written to ``output`` if given.
+
+    Args:
+        dataset: ``"brats"``, ``"spider"``, ``"spider_discs"`` or ``"mmwhs"`` (or a spec).
+        root: the data set folder in its official layout.
+        output: JSON file to write (atomically; nothing is written when an error is raised).
+        val_fraction, test_fraction: shares of the cases for validation and test.
+        seed: seed of the split permutation; the same seed and files give the same lists.
+        modality: image modality (default: the spec's; see :func:`find_cases`).
+
+    Returns:
+        ``{"name", "description", "modality", "labels", "training", "validation", "test"}``; see the
+        module docstring.
+
+    Raises:
+        FileNotFoundError, NotADirectoryError, ValueError: see :func:`find_cases` and
+        :func:`split_cases`; messages name the path or value.
+    """
+    spec = get_dataset(dataset)
+    modality = spec.modality if modality is None else str(modality)
+    splits = split_cases(find_cases(spec, root, modality), val_fraction, test_fraction, seed)
+    datalist = {
+        "name": spec.name,
+        "description": spec.description,
+        "modality": modality,
+        "labels": {str(i): name for i, name in enumerate(spec.classes)},
+        **splits,
+    }
+    if output is not None:
+        write_json_atomic(datalist, output)
+    return datalist
+
+
+def main(
+    dataset: str,
+    root: str,
+    output: str | None = None,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    modality: str | None = None,
+) -> None:
+    """Command line: write the data list to ``--output`` (or print it) and report the split sizes."""
+    datalist = make_datalist(dataset, str(root), output, val_fraction, test_fraction, seed, modality)
+    sizes = ", ".join(f"{len(datalist[k])} {k}" for k in ("training", "validation", "test"))
+    if output is None:
+        print(json.dumps(datalist, indent=2))
+    else:
+        print(f"wrote {os.path.abspath(str(output))}: {sizes} ({datalist['name']}, {datalist['modality']})")
+
+
+if __name__ == "__main__":
+    import fire
+
+    try:
+        fire.Fire(main)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        # a user error: its message, not a traceback
+        sys.exit(f"error: {e}")
