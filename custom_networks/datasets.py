@@ -8,9 +8,10 @@ Axis convention: every per-axis value here (``spacing_range``, ``fs_spacing``, `
 ``axcodes="RAS"``: axis 0 runs left -> right, axis 1 posterior -> anterior, axis 2 inferior -> superior.
 
 SPIDER is the data set where this matters. Its images are sagittal: the thick slices (3.3-4.8 mm) are
-stacked left -> right, and the files do not agree on where that axis sits in the array (the slice axis
-is ITK's last index axis in a DICOM-like sagittal header, the first in a reoriented one). After
-``Orientationd("RAS")`` it is always axis 0, which is why the SPIDER spacing range is
+stacked left -> right, and where that axis sits in the array depends on how a file was written (ITK's
+last index axis for a DICOM-like sagittal header, the first for a reoriented one; MONAI's ITKReader
+keeps ITK's index order). After ``Orientationd("RAS")`` it is always axis 0, which is why the SPIDER
+spacing range is
 ``[1, 5] x [0.2, 1.5] x [0.2, 1.5]`` mm and its patch ``(48, 128, 256)`` voxels: 48 thick slices
 (about 160 mm left-right), 128 voxels front-back (about 77 mm at 0.6 mm: vertebral body and canal) and
 256 along the spine (about 154 mm at 0.6 mm). The paper's "256x128x48" is the same patch in the
@@ -18,6 +19,7 @@ reversed (z, y, x) order of ``SimpleITK.GetArrayFromImage``.
 
 Example::
 
+    >>> from custom_networks import HyperUNet
     >>> spec = get_dataset("spider")
     >>> spec.classes, spec.patch_size
     (('background', 'vertebrae', 'spinal_canal'), (48, 128, 256))

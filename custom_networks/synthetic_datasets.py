@@ -11,7 +11,7 @@ header conventions, at a size a CPU handles in seconds:
   volumes: a column of vertebral bodies along the spine labelled 1..N from the bottom, discs
   201.. below each body, the spinal canal (100) behind them, and the top vertebra cut by the field of
   view labelled 100 + N (SPIDER's "partially visible" code). Even cases store the slice axis first,
-  odd cases last with a DICOM-like sagittal direction matrix, as real files differ.
+  odd cases last with a DICOM-like sagittal direction matrix: files written by different tools differ.
 - MM-WHS MR: ``<root>/mr_train/mr_train_10XX_{image,label}.nii.gz``, nested and adjacent ellipsoids
   and tubes with the MM-WHS label values (205 myocardium around the 500 LV cavity, 420 / 421 left
   atrium, 550, 600, 820, 850); odd cases store the axes permuted.
