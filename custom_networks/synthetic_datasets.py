@@ -271,6 +271,11 @@ def write_synthetic_dataset(dataset: str, root: str, n_cases: int = 5, seed: int
 
 
 if __name__ == "__main__":
+    import sys
+
     import fire
 
-    fire.Fire(write_synthetic_dataset)
+    try:
+        fire.Fire(write_synthetic_dataset)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
