@@ -4,6 +4,7 @@ The network (:class:`HyperUNet`, :class:`PlainUNet`, both built from one :class:
 the training / inference pieces MONAI lacks around it.
 """
 
+from .datasets import DATASETS, CheckImaged, DatasetSpec, MapLabelsd, get_dataset
 from .engine import PrepareBatchSpacing, SpacingSlidingWindowInferer, batch_spacing
 from .hyperspace import HyperUNet
 from .layout import UNetLayout

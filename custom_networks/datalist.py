@@ -26,7 +26,7 @@ import numpy as np
 
 from .datasets import DATASETS, DatasetSpec, get_dataset
 
-__all__ = ["find_cases", "make_datalist", "split_cases", "write_json_atomic"]
+__all__ = ["find_cases", "inference_items", "load_split", "make_datalist", "split_cases", "write_json_atomic"]
 
 
 def _template_regex(template: str, case_pattern: str, modality: str) -> re.Pattern:
@@ -220,6 +220,61 @@ def make_datalist(
     if output is not None:
         write_json_atomic(datalist, output)
     return datalist
+
+
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def load_split(dataset: str | DatasetSpec, dataset_dir: str, split: str, data_list_file: str | None = None, seed: int = 0) -> list[dict]:
+    """One split (``"training"``, ``"validation"`` or ``"test"``) for a bundle workflow.
+
+    From ``data_list_file`` (a MONAI data list JSON, e.g. written by :func:`make_datalist`) when
+    given, otherwise from ``dataset_dir`` in its official layout with the default split.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file or folder, or the missing or empty split.
+    """
+    if data_list_file:
+        if not os.path.isfile(data_list_file):
+            raise FileNotFoundError(f"data list file {data_list_file} does not exist.")
+        with open(data_list_file) as f:
+            datalist = json.load(f)
+        source = data_list_file
+    else:
+        datalist = make_datalist(dataset, dataset_dir, seed=seed)
+        source = dataset_dir
+    items = datalist.get(split)
+    if not items:
+        raise ValueError(f"{source} has no {split!r} cases; expected a non-empty list under the key {split!r}.")
+    return items
+
+
+def inference_items(input: str, dataset: str | DatasetSpec | None = None, split: str = "test") -> list[dict]:
+    """``[{"image": path}, ...]`` to segment, from an image file, a folder, or a data list JSON.
+
+    A folder in the official layout of ``dataset`` gives its images (of the default modality);
+    any other folder gives every image file in it (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``,
+    ``.mhd``); a ``.json`` data list gives its ``split``.
+
+    Raises:
+        FileNotFoundError: naming ``input`` when it does not exist or holds no image.
+    """
+    path = os.path.abspath(os.path.expanduser(str(input)))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"input {path} does not exist; expected an image file, a folder of images or a data list JSON.")
+    if path.endswith(".json"):
+        return [{"image": item["image"]} for item in load_split(dataset, "", split, path)]
+    if os.path.isfile(path):
+        return [{"image": path}]
+    if dataset is not None:
+        spec = get_dataset(dataset)
+        cases = _cases_on_disk(spec, path, spec.modality)
+        if cases:
+            return [{"image": cases[c]} for c in sorted(cases, key=_natural_key)]
+    files = sorted(f for f in glob.glob(os.path.join(path, "*")) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {path}.")
+    return [{"image": f} for f in files]
 
 
 def main(

@@ -16,7 +16,7 @@ from monai.networks.layers import GaussianFilter
 from monai.transforms import GaussianSmooth, InvertibleTransform, MapTransform, Randomizable, Spacing
 from monai.utils import ensure_tuple_rep
 
-from .spacing import SpacingRange, working_spacing
+from .spacing import SpacingRange, parse_spacing, working_spacing
 
 __all__ = ["RandSpacingPatchd", "SpacingPolicyd", "antialias_sigma", "image_spacing"]
 
@@ -59,6 +59,28 @@ def _mean_std(img: torch.Tensor, nonzero: bool) -> tuple[torch.Tensor, torch.Ten
     return mean.view(shape), var.sqrt().clamp_min(1e-8).view(shape)
 
 
+def _resample(src: torch.Tensor, coords: Sequence[np.ndarray], sigma: Sequence[float], mode: str) -> torch.Tensor:
+    """Sample ``src`` ``(C, *S)`` at the outer product of per-axis voxel coordinates ``coords``.
+
+    Only the region the coordinates need is read; for ``"bilinear"`` it is first smoothed with a
+    Gaussian of ``sigma`` voxels per axis (anti-aliasing). Outside ``src`` the result is 0.
+    """
+    shape = src.shape[1:]
+    margin = [int(math.ceil(4 * s)) + 1 for s in sigma]
+    lo = [min(max(0, int(math.floor(c[0])) - m), n - 1) for c, m, n in zip(coords, margin, shape)]
+    hi = [max(min(n, int(math.ceil(c[-1])) + m + 1), l + 1) for c, m, n, l in zip(coords, margin, shape, lo)]
+    region = src[(slice(None),) + tuple(slice(l, h) for l, h in zip(lo, hi))]
+    if mode == "bilinear" and any(s > 0 for s in sigma):
+        region = GaussianFilter(len(shape), sigma=[max(s, 1e-6) for s in sigma]).to(src.device)(region[None])[0]
+    axes = [
+        torch.as_tensor(2 * (c - l) / max(h - l - 1, 1) - 1, dtype=torch.float32, device=src.device)
+        for c, l, h in zip(coords, lo, hi)
+    ]
+    # grid_sample wants (x, y, z) = the tensor's spatial axes in reverse order
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)[None]
+    return F.grid_sample(region[None], grid, mode=mode, padding_mode="zeros", align_corners=True)[0]
+
+
 class RandSpacingPatchd(Randomizable, MapTransform):
     """The HyperSpace training augmentation: resample to a random spacing, then take a patch.
 
@@ -95,6 +117,10 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         samples_per_spacing: draw a new spacing every this many samples. Set it to the batch size
             (with ``drop_last=True``) for one spacing per batch, hence one generated weight set and
             one batched convolution per step: a DataLoader worker assembles whole batches.
+        output_spacing: for the FS baseline: the patch is first acquired at the drawn spacing (as
+            above, on a grid slightly larger than the patch) and then resampled to this fixed
+            spacing (mm), so a fixed-spacing model learns the blur of coarse acquisitions. The
+            ``spacing_key`` entry then holds ``output_spacing``.
     """
 
     def __init__(
@@ -109,10 +135,14 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         nonzero: bool = False,
         spacing_key: str = "spacing",
         samples_per_spacing: int = 1,
+        output_spacing: Sequence[float] | None = None,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.spacing_range = SpacingRange.from_config(spacing_range)
+        self.output_spacing = (
+            parse_spacing(output_spacing, self.spacing_range.spatial_dims, "output_spacing") if output_spacing is not None else None
+        )
         if int(samples_per_spacing) < 1:
             raise ValueError(f"samples_per_spacing must be >= 1, got {samples_per_spacing}.")
         self.samples_per_spacing = int(samples_per_spacing)
@@ -178,34 +208,27 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         self.randomize()
         target = self._spacing
         label = d.get(self.label_key) if self.label_key else None
-        center = self._draw_center(shape, source, target, label)
+        center = self._draw_center(shape, source, self.output_spacing or target, label)
 
-        # source voxel coordinate of every patch voxel, per axis
-        factor = np.asarray(target) / np.asarray(source)
+        patch_spacing = self.output_spacing or target
+        factor = np.asarray(patch_spacing) / np.asarray(source)
         start = center - (np.asarray(self.patch_size) - 1) / 2 * factor
         # on axes kept at the source spacing, patch voxels sit on source voxels: an exact crop, no
         # interpolation blur, as the image is at native-spacing inference
         start = np.where(np.isclose(factor, 1.0), np.round(start), start)
+        # source voxel coordinate of every patch voxel, per axis
         coords = [start[a] + np.arange(p) * factor[a] for a, p in enumerate(self.patch_size)]
-        sigma = antialias_sigma(source, target)
-        margin = [int(math.ceil(4 * s)) + 1 for s in sigma]
-        lo = [max(0, int(math.floor(c[0])) - m) for c, m in zip(coords, margin)]
-        hi = [min(n, int(math.ceil(c[-1])) + m + 1) for c, m, n in zip(coords, margin, shape)]
-        if any(h <= l for l, h in zip(lo, hi)):  # cannot happen for a centre inside the image
-            raise RuntimeError(f"empty sampling region {lo}..{hi} for image shape {shape}.")
-        region = (slice(None),) + tuple(slice(l, h) for l, h in zip(lo, hi))
-
         device = ref.device
-        axes = [
-            torch.as_tensor(2 * (c - l) / max(h - l - 1, 1) - 1, dtype=torch.float32, device=device)
-            for c, l, h in zip(coords, lo, hi)
-        ]
-        # grid_sample wants (x, y, z) = the tensor's spatial axes in reverse order
-        grid = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)[None]
         inside = [torch.as_tensor((c >= -1e-3) & (c <= n - 1 + 1e-3), device=device) for c, n in zip(coords, shape)]
         valid = inside[0]
         for m in inside[1:]:
             valid = valid[..., None] & m
+        if self.output_spacing:
+            # FS training: simulate an acquisition at the drawn spacing on a grid one voxel wider
+            # than the patch, then resample that to the fixed output spacing
+            step = np.asarray(target) / np.asarray(source)
+            coarse = [c[0] - st + np.arange(int(math.ceil((c[-1] - c[0]) / st)) + 3) * st for c, st in zip(coords, step)]
+            fine = [(c - g[0]) / st for c, g, st in zip(coords, coarse, step)]
 
         # the patch's affine: voxel j of the patch is source voxel coords[0] + j * factor
         to_source = np.diag(np.append(factor, 1.0))
@@ -213,10 +236,11 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         for key, mode in zip(keys, self.mode):
             img = d[key]
             src = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
-            patch_src = src[region].float()
-            if mode == "bilinear" and any(s > 0 for s in sigma):
-                patch_src = GaussianFilter(dims, sigma=[max(s, 1e-6) for s in sigma]).to(device)(patch_src[None])[0]
-            out = F.grid_sample(patch_src[None], grid, mode=mode, padding_mode="zeros", align_corners=True)[0]
+            if self.output_spacing:
+                acquired = _resample(src.float(), coarse, antialias_sigma(source, target), mode)
+                out = _resample(acquired, fine, antialias_sigma(target, patch_spacing), mode)
+            else:
+                out = _resample(src.float(), coords, antialias_sigma(source, target), mode)
             if mode == "bilinear":
                 if self.normalize:
                     mean, std = _mean_std(src, self.nonzero)
@@ -227,7 +251,7 @@ class RandSpacingPatchd(Randomizable, MapTransform):
             affine = img.affine if isinstance(img, MetaTensor) else torch.eye(dims + 1, dtype=torch.float64)
             new_affine = affine.to(torch.float64) @ torch.as_tensor(to_source, dtype=torch.float64)
             d[key] = MetaTensor(out, affine=new_affine, meta={k: v for k, v in getattr(img, "meta", {}).items() if k != "affine"})
-        d[self.spacing_key] = torch.tensor(target, dtype=torch.float32)
+        d[self.spacing_key] = torch.tensor(patch_spacing, dtype=torch.float32)
         return d
 
 

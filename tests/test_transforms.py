@@ -319,3 +319,25 @@ def test_samples_per_spacing_draws_one_spacing_per_batch(ball):
     assert [tuple(t(ball)["spacing"].tolist()) for _ in range(6)] == drawn
     with pytest.raises(ValueError, match="samples_per_spacing must be >= 1, got 0"):
         RandSpacingPatchd(["image", "label"], [[1.0, 3.0]] * 3, (8, 8, 8), samples_per_spacing=0)
+
+
+def test_output_spacing_simulates_coarse_acquisition_at_fixed_spacing(ball):
+    """FS training: acquired at the drawn spacing, delivered at the fixed spacing."""
+    fixed = (1.0, 1.0, 1.0)
+    t = RandSpacingPatchd(["image", "label"], [[3.0, 3.0]] * 3, (64, 64, 64), pos_fraction=0.0, output_spacing=fixed)
+    t.set_random_state(0)
+    out = t(ball)
+    assert out["image"].shape == (1, 64, 64, 64)
+    torch.testing.assert_close(out["spacing"], torch.tensor(fixed))
+    torch.testing.assert_close(out["image"].pixdim.float(), torch.tensor(fixed))
+    volume = float((out["label"] > 0).sum())
+    assert abs(volume - BALL_VOLUME) < 0.1 * BALL_VOLUME, volume
+    assert set(torch.unique(out["label"]).tolist()) <= {0, 1}
+
+    # white noise acquired at 3 mm and brought back to 1 mm keeps little of its 1 mm detail
+    rng = np.random.RandomState(1)
+    noise = {"image": meta(rng.normal(0, 1, (1, 64, 64, 64)).astype(np.float32), np.eye(4))}
+    sharp = RandSpacingPatchd("image", [[1.0, 1.0]] * 3, (32, 32, 32), mode="bilinear", label_key=None, normalize=False, output_spacing=fixed)
+    blurred = RandSpacingPatchd("image", [[3.0, 3.0]] * 3, (32, 32, 32), mode="bilinear", label_key=None, normalize=False, output_spacing=fixed)
+    assert float(sharp(noise)["image"].std()) > 0.9
+    assert float(blurred(noise)["image"].std()) < 0.3
