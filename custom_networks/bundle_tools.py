@@ -48,10 +48,10 @@ import copy
 import json
 import math
 import os
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
+
 import torch
 
 from .spacing import SpacingRange, parse_spacing
@@ -82,7 +82,7 @@ def find_schema(bundle_dir) -> Path:
             return candidate
     raise FileNotFoundError(
         f"no metadata schema found: looked for {REPO_SCHEMA} (this repository) and {packed} (a packed "
-        "bundle); pass --schema <path to meta_schema.json>."
+        "bundle); copy the repository's bundles/meta_schema.json to the latter (verify also takes --schema <file>)."
     )
 
 
@@ -175,7 +175,9 @@ def _spacing_input(metadata: dict, meta_file: Path) -> tuple[list[float], int]:
     return [float(v) for v in value_range], dims
 
 
-def verify(bundle_dir, spacing=None, config: str = "configs/inference.json", net_id: str = "network_def", device=None, schema=None) -> None:
+def verify(
+    bundle_dir, spacing=None, config: str = "configs/inference.json", net_id: str = "network_def", device=None, schema=None
+) -> None:
     """Verify a bundle's metadata and its network's inputs and outputs.
 
     1. ``metadata.json`` against the schema (:func:`find_schema`, or ``schema``) with MONAI's
@@ -213,7 +215,12 @@ def verify(bundle_dir, spacing=None, config: str = "configs/inference.json", net
     try:
         verify_metadata(meta_file=str(meta_file), filepath=str(schema), create_dir=False)
     except ValueError as e:
-        raise ValueError(f"{meta_file} does not follow the bundle metadata schema {schema}:\n{e}") from e
+        # MONAI's message names the metadata's schema URL, not the file used; the jsonschema error
+        # it wraps knows where in the metadata the problem is
+        cause = e.__cause__
+        where = ".".join(str(p) for p in getattr(cause, "absolute_path", [])) or "top level"
+        detail = getattr(cause, "message", str(e))
+        raise ValueError(f"{meta_file} does not follow the bundle metadata schema {schema}: at {where}: {detail}") from e
     if metadata["version"] not in metadata["changelog"]:
         raise ValueError(f"{meta_file}: version {metadata['version']!r} is missing from changelog {sorted(metadata['changelog'])}.")
     value_range, dims = _spacing_input(metadata, meta_file)
@@ -252,11 +259,11 @@ def _spacing_tag(spacing) -> str:
     return "x".join(f"{v:g}" for v in spacing)
 
 
-def _atomic_target(output: Path, suffix: str) -> Path:
+def _temporary_sibling(output: Path) -> Path:
+    """A hidden file next to ``output`` to write first and then rename onto it (``os.replace``
+    is atomic within one file system), so an error never leaves a half-written ``output``."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=suffix)
-    os.close(fd)
-    return Path(tmp)
+    return output.with_name(f".{output.name}.{os.getpid()}.tmp")
 
 
 def export(
@@ -310,8 +317,11 @@ def export(
     spacing = parse_spacing(spacing, net.spatial_dims)
     trained = parser.get("_meta_#network_data_format#inputs#spacing#value_range") or []
     if len(trained) == 2 and not all(trained[0] <= s <= trained[1] for s in spacing):
-        warnings.warn(f"spacing {list(spacing)} mm lies outside the trained range {trained} mm of {meta_file}; "
-                      "the generated weights are extrapolated.", stacklevel=2)
+        warnings.warn(
+            f"spacing {list(spacing)} mm lies outside the trained range {trained} mm of {meta_file}; "
+            "the generated weights are extrapolated.",
+            stacklevel=2,
+        )
     ckpt = Path(ckpt) if ckpt is not None else bundle / "models" / "model.pt"
     if not ckpt.is_file():
         raise FileNotFoundError(
@@ -321,6 +331,8 @@ def export(
         )
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     if key_in_ckpt:
+        if key_in_ckpt not in state:
+            raise KeyError(f"checkpoint {ckpt} has no key {key_in_ckpt!r}; its keys: {sorted(state)[:10]}.")
         state = state[key_in_ckpt]
     try:
         net.load_state_dict(state)
@@ -337,7 +349,7 @@ def export(
     output = Path(output) if output is not None else bundle / "models" / f"model_{_spacing_tag(spacing)}mm.ts"
     if not output.suffix:
         output = output.with_suffix(".ts")
-    tmp = _atomic_target(output, ".tmp")
+    tmp = _temporary_sibling(output)
     try:
         save_net_with_metadata(scripted, str(tmp), include_config_vals=False, meta_values=meta, more_extra_files=extra_files)
         os.replace(tmp, output)
@@ -346,20 +358,17 @@ def export(
     return str(output)
 
 
-def _bundle_files(bundle: Path) -> list[Path]:
-    """Files of the bundle to pack, relative to it: everything but PACK_EXCLUDE_DIRS, hidden
-    entries, bytecode, and the package / schema copies that pack adds fresh."""
+def _files_to_pack(folder: Path, skip=()) -> list[Path]:
+    """Files under ``folder``, relative to it, leaving out PACK_EXCLUDE_DIRS, hidden entries,
+    bytecode and the relative paths in ``skip``."""
+    skip = {Path(p) for p in skip}
     files = []
-    for root, dirs, names in os.walk(bundle):
-        rel_root = Path(root).relative_to(bundle)
-        dirs[:] = sorted(
-            d for d in dirs if d not in PACK_EXCLUDE_DIRS and not d.startswith(".") and not (rel_root == Path(".") and d == PACKAGE_DIR.name)
-        )
-        for name in sorted(names):
-            rel = rel_root / name
-            if name.startswith(".") or name.endswith(".pyc") or rel == PACKED_SCHEMA:
-                continue
-            files.append(rel)
+    for root, dirs, names in os.walk(folder):
+        rel_root = Path(root).relative_to(folder)
+        dirs[:] = sorted(d for d in dirs if d not in PACK_EXCLUDE_DIRS and not d.startswith(".") and rel_root / d not in skip)
+        files += [
+            rel_root / n for n in sorted(names) if not n.startswith(".") and not n.endswith(".pyc") and rel_root / n not in skip
+        ]
     return files
 
 
@@ -367,8 +376,8 @@ def pack(bundle_dir, output=None) -> str:
     """Zip a bundle so that it runs without this repository.
 
     The zip holds one folder named like the bundle (the specification's archive format) with the
-    bundle's files (configs, docs, LICENSE, models/ if present; not ``eval/``, ``runs/``,
-    ``__pycache__``), a copy of the ``custom_networks`` package at its root (so that
+    bundle's files (configs, docs, LICENSE, models/ if present; not ``eval/``, ``runs/``, ``dist/``,
+    ``__pycache__``, hidden files), a copy of the ``custom_networks`` package at its root (so that
     ``PYTHONPATH=<unzipped bundle>`` makes ``import custom_networks`` work) and the metadata schema
     as ``configs/meta_schema.json`` (so :func:`verify` works on the unzipped bundle).
 
@@ -387,13 +396,14 @@ def pack(bundle_dir, output=None) -> str:
     name = bundle.resolve().name
     output = Path(output) if output is not None else Path("dist") / f"{name}_v{metadata['version']}.zip"
     schema = find_schema(bundle)
-    files = [(bundle / rel, f"{name}/{rel.as_posix()}") for rel in _bundle_files(bundle)]
-    files += [(PACKAGE_DIR / rel, f"{name}/{PACKAGE_DIR.name}/{rel.as_posix()}") for rel in _bundle_files(PACKAGE_DIR)]
+    # a bundle packed before carries the package and the schema: pack fresh copies instead
+    files = [(bundle / rel, f"{name}/{rel.as_posix()}") for rel in _files_to_pack(bundle, skip=(PACKAGE_DIR.name, PACKED_SCHEMA))]
+    files += [(PACKAGE_DIR / rel, f"{name}/{PACKAGE_DIR.name}/{rel.as_posix()}") for rel in _files_to_pack(PACKAGE_DIR)]
     files.append((schema, f"{name}/{PACKED_SCHEMA.as_posix()}"))
     if not (bundle / "models" / "model.pt").is_file():
         print(f"note: {bundle / 'models' / 'model.pt'} does not exist; the zip has no trained weights.")
 
-    tmp = _atomic_target(output, ".tmp")
+    tmp = _temporary_sibling(output)
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for src, arcname in files:
