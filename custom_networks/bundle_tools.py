@@ -176,7 +176,13 @@ def _spacing_input(metadata: dict, meta_file: Path) -> tuple[list[float], int]:
 
 
 def verify(
-    bundle_dir, spacing=None, config: str = "configs/inference.json", net_id: str = "network_def", device=None, schema=None
+    bundle_dir,
+    spacing=None,
+    config: str = "configs/inference.json",
+    net_id: str = "network_def",
+    device=None,
+    n: int | None = None,
+    schema=None,
 ) -> None:
     """Verify a bundle's metadata and its network's inputs and outputs.
 
@@ -196,6 +202,9 @@ def verify(
         config: config file holding ``net_id``, relative to ``bundle_dir``.
         net_id: id of the network in ``config``.
         device: device of the check; MONAI's default (``cuda:0`` if available) when None.
+        n: the value of ``n`` in ``spatial_shape`` entries such as ``"16*n"`` (MONAI's default 1).
+            The image must leave the UNet's bottleneck more than one voxel (InstanceNorm), e.g.
+            ``"16*n"`` for a 4-level UNet.
         schema: a schema file to use instead of :func:`find_schema`'s.
 
     Raises:
@@ -237,11 +246,20 @@ def verify(
                 meta_file=str(meta_file),
                 config_file=str(config_file),
                 device=device,
+                n=n,
                 extra_forward_args={"spacing": torch.tensor([s], dtype=torch.float32)},
                 bundle_root=str(bundle),
             )
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise ValueError(f"network {net_id!r} of {config_file} failed verify_net_in_out at spacing {list(s)} mm: {e}") from e
+            hint = ""
+            if "spatial element" in str(e):
+                hint = (
+                    " The test image, sized from inputs.image.spatial_shape with n="
+                    f"{n or 1}, is too small for the UNet's levels: state larger sizes (e.g. '16*n' for 4 levels) or pass --n."
+                )
+            raise ValueError(
+                f"network {net_id!r} of {config_file} failed verify_net_in_out at spacing {list(s)} mm: {e}{hint}"
+            ) from e
         print(f"network ok: {net_id} of {config_file} at spacing {list(s)} mm")
 
 

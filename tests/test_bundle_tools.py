@@ -173,6 +173,17 @@ def test_verify_fails_when_the_network_does_not_match_the_metadata(bundle, no_do
         verify(bundle, device="cpu")
 
 
+def test_verify_says_when_the_test_image_is_too_small(tmp_path, no_download):
+    def tiny(m):
+        for entry in (m["network_data_format"]["inputs"]["image"], m["network_data_format"]["outputs"]["pred"]):
+            entry["spatial_shape"] = ["2*n"] * 3  # n=1: a 1-voxel bottleneck, which InstanceNorm rejects
+
+    root = write_bundle(tmp_path / "tiny_bundle", metadata=_edited(METADATA, tiny))
+    with pytest.raises(ValueError, match="too small for the UNet's levels"):
+        verify(root, spacing=1.0, device="cpu")
+    verify(root, spacing=1.0, device="cpu", n=4)
+
+
 # --------------------------------------------------------------------------- export
 
 

@@ -1,0 +1,184 @@
+"""The bundles, driven as their READMEs drive them: `python -m monai.bundle run ...` subprocesses on
+generated data in each data set's official layout, with small overrides so that a CPU run takes
+seconds (fewer channels, smaller patches, one or two epochs)."""
+
+import csv
+import glob
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from custom_networks import HyperUNet
+from custom_networks.synthetic_datasets import write_synthetic_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLES = {
+    "brats": "brats_mri_tumour_segmentation",
+    "spider": "spider_mri_spine_segmentation",
+    "mmwhs": "mmwhs_mri_heart_segmentation",
+}
+# CPU-sized overrides; SPIDER has four downsamplings, so its patch axes are multiples of 16
+SMALL = {
+    "brats": ["--patch_size", "[32,32,32]", "--network_def#channels", "[8,16]"],
+    "spider": ["--patch_size", "[16,32,32]", "--network_def#channels", "[8,16]"],
+    "mmwhs": ["--patch_size", "[32,32,32]", "--network_def#channels", "[8,16]"],
+}
+
+
+def bundle_dir(name):
+    return os.path.join(ROOT, "bundles", BUNDLES[name])
+
+
+def run_bundle(name, run_id, configs, *overrides, expect_ok=True):
+    files = [os.path.join(bundle_dir(name), "configs", c) for c in configs]
+    config_file = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *SMALL[name], *overrides]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if expect_ok:
+        assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.fixture(scope="module", params=list(BUNDLES))
+def trained(request, tmp_path_factory):
+    """Generated data for one bundle and a bundle root trained on it for one epoch."""
+    name = request.param
+    data = str(tmp_path_factory.mktemp(f"{name}_data"))
+    write_synthetic_dataset(name, data, n_cases=5, seed=0)
+    root = str(tmp_path_factory.mktemp(f"{name}_run"))
+    run_bundle(name, "training", ["train.json"], "--dataset_dir", data, "--bundle_root", root,
+               "--epochs", "1", "--val_interval", "1", "--num_workers", "0", "--batch_size", "2")
+    return name, data, root
+
+
+def test_training_writes_a_loadable_checkpoint(trained):
+    name, _, root = trained
+    state = torch.load(os.path.join(root, "models", "model.pt"), map_location="cpu")
+    assert all(k.startswith(("embed.", "heads.")) for k in state), list(state)[:5]
+    assert len(glob.glob(os.path.join(root, "eval", "events.out.tfevents.*"))) >= 1  # TensorBoard
+
+
+@pytest.mark.parametrize("policy", [("native",), ("target", "2,2,2"), ("clamp",)])
+def test_inference_writes_labels_in_the_input_geometry(trained, policy, tmp_path):
+    name, data, root = trained
+    out = str(tmp_path / "pred")
+    overrides = ["--spacing_policy", policy[0]] + (["--target_spacing", policy[1]] if len(policy) > 1 else [])
+    run_bundle(name, "inference", ["inference.json"], "--dataset_dir", data, "--bundle_root", root, "--output_dir", out, *overrides)
+    images = _images(name, data)
+    preds = sorted(glob.glob(os.path.join(out, "*_seg.nii.gz")))
+    assert len(preds) == len(images) == 5
+    for image, pred in zip(images, preds):
+        (shape, affine), seg = _geometry(image), nib.load(pred)
+        assert seg.shape == shape, (image, pred)
+        np.testing.assert_allclose(seg.affine, affine, atol=1e-4, err_msg=pred)
+        assert seg.get_data_dtype() == np.uint8
+        assert int(np.asarray(seg.dataobj).max()) < len(_classes(name))
+
+
+def test_evaluation_writes_dice_per_structure(trained):
+    name, data, root = trained
+    run_bundle(name, "evaluating", ["train.json", "evaluate.json"], "--dataset_dir", data, "--bundle_root", root, "--num_workers", "0")
+    with open(os.path.join(root, "eval", "val_mean_dice_raw.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) >= 1
+    structures = [k for k in rows[0] if k.startswith("class")]
+    assert len(structures) == len(_classes(name)) - 1  # one Dice per structure, background excluded
+    for row in rows:
+        for k in structures:
+            assert row[k] == "nan" or 0.0 <= float(row[k]) <= 1.0
+
+
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_config_workflows_have_the_bundle_properties(name, tmp_path):
+    data = str(tmp_path / "data")
+    write_synthetic_dataset(name, data, n_cases=5, seed=1)
+    meta = os.path.join(bundle_dir(name), "configs", "metadata.json")
+    for config, kind in (("train.json", "train"), ("inference.json", "infer")):
+        workflow = ConfigWorkflow(
+            config_file=os.path.join(bundle_dir(name), "configs", config),
+            meta_file=meta,
+            logging_file=os.path.join(bundle_dir(name), "configs", "logging.conf"),
+            workflow_type=kind,
+            bundle_root=str(tmp_path / "root"),
+            dataset_dir=data,
+            num_workers=0,
+        )
+        workflow.initialize()
+        assert workflow.check_properties() == [], (config, workflow.check_properties())
+
+
+def test_ddp_two_processes_gloo_write_one_checkpoint(tmp_path):
+    data = str(tmp_path / "data")
+    write_synthetic_dataset("brats", data, n_cases=10, seed=2)  # 2 validation cases for 2 ranks
+    root = str(tmp_path / "root")
+    train = os.path.join(bundle_dir("brats"), "configs")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run", "training",
+        "--config_file", f"['{train}/train.json','{train}/multi_gpu_train.json']",
+        "--dataset_dir", data, "--bundle_root", root, "--epochs", "1", "--val_interval", "1",
+        "--num_workers", "0", "--batch_size", "1", *SMALL["brats"],
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert os.listdir(os.path.join(root, "models")) == ["model.pt"]
+    state = torch.load(os.path.join(root, "models", "model.pt"), map_location="cpu")
+    net = HyperUNet(out_channels=2, channels=(8, 16))
+    net.load_state_dict(state)  # saved unwrapped: no "module." prefix from DDP
+
+
+def test_bad_image_and_label_fail_naming_the_file(tmp_path):
+    data = tmp_path / "data"
+    write_synthetic_dataset("brats", str(data), n_cases=5, seed=3)
+    case = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    t1ce = next(case.glob("*_t1ce.nii.gz"))
+    ref = nib.load(str(t1ce))
+
+    # a 4-D image where a single 3-D volume is expected
+    stacked = np.stack([np.asarray(ref.dataobj)] * 2, axis=-1)
+    nib.save(nib.Nifti1Image(stacked, ref.affine), str(t1ce))
+    out = tmp_path / "pred"
+    result = run_bundle("brats", "inference", ["inference.json"], "--dataset_dir", str(data), "--bundle_root", str(tmp_path / "r"),
+                        "--output_dir", str(out), expect_ok=False)
+    assert result.returncode != 0
+    assert str(t1ce) in result.stderr and "volumes" in result.stderr, result.stderr[-3000:]
+    assert not list(out.glob("*")) if out.exists() else True
+
+    # a label value outside the BraTS label map (0, 1, 2, 4)
+    nib.save(ref, str(t1ce))
+    seg = next(case.glob("*_seg.nii.gz"))
+    s = nib.load(str(seg))
+    bad = np.asarray(s.dataobj).copy()
+    bad[0, 0, 0] = 3
+    nib.save(nib.Nifti1Image(bad, s.affine), str(seg))
+    root = tmp_path / "train"
+    result = run_bundle("brats", "training", ["train.json"], "--dataset_dir", str(data), "--bundle_root", str(root),
+                        "--epochs", "1", "--num_workers", "0", "--batch_size", "2", "--cache_rate", "0", expect_ok=False)
+    assert result.returncode != 0
+    assert str(seg) in result.stderr and "3" in result.stderr, result.stderr[-3000:]
+    assert not (root / "models" / "model.pt").exists()
+
+
+def _images(name, data):
+    from custom_networks.datalist import inference_items
+
+    return [item["image"] for item in inference_items(data, name)]
+
+
+def _classes(name):
+    from custom_networks import get_dataset
+
+    return get_dataset(name).classes
+
+
+def _geometry(path):
+    """Spatial shape and RAS affine of an input image as MONAI reads it (NIfTI, or SPIDER's .mha)."""
+    from monai.transforms import LoadImage
+
+    img = LoadImage(image_only=True)(path)
+    return tuple(img.shape[:3]), np.asarray(img.affine)
