@@ -8,11 +8,10 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
-from monai.networks.layers import GaussianFilter
+from monai.networks.layers.convutils import gaussian_1d
 from monai.transforms import GaussianSmooth, InvertibleTransform, MapTransform, Randomizable, Spacing
 from monai.utils import ensure_tuple_rep
 
@@ -59,27 +58,51 @@ def _mean_std(img: torch.Tensor, nonzero: bool) -> tuple[torch.Tensor, torch.Ten
     return mean.view(shape), var.sqrt().clamp_min(1e-8).view(shape)
 
 
+def _axis_operator(coords: np.ndarray, lo: int, hi: int, sigma: float, device) -> torch.Tensor:
+    """``(P, hi - lo)`` matrix: Gaussian smoothing (``sigma`` voxels, zero outside the region) then
+    linear interpolation at ``coords``, along one axis."""
+    pos = torch.as_tensor(coords - lo, dtype=torch.float32, device=device)
+    grid = torch.arange(hi - lo, dtype=torch.float32, device=device)
+    op = (1 - (pos[:, None] - grid[None, :]).abs()).clamp_min(0)  # linear interpolation ("hat") weights
+    if sigma > 0:
+        # MONAI's own discretised Gaussian, as in its GaussianFilter
+        taps = gaussian_1d(torch.tensor(float(sigma)), truncated=4.0, approx="erf", normalize=True).to(device, torch.float32)
+        radius = (len(taps) - 1) // 2
+        diff = (grid[:, None] - grid[None, :]).long()
+        blur = torch.where(diff.abs() <= radius, taps[(diff + radius).clamp(0, 2 * radius)], torch.zeros((), device=device))
+        op = op @ blur
+    return op
+
+
 def _resample(src: torch.Tensor, coords: Sequence[np.ndarray], sigma: Sequence[float], mode: str) -> torch.Tensor:
     """Sample ``src`` ``(C, *S)`` at the outer product of per-axis voxel coordinates ``coords``.
 
-    Only the region the coordinates need is read; for ``"bilinear"`` it is first smoothed with a
-    Gaussian of ``sigma`` voxels per axis (anti-aliasing). Outside ``src`` the result is 0.
+    The sampling grid is axis-aligned, so anti-aliasing and linear interpolation factor into one
+    small matrix per axis, applied as matrix products over the region the patch needs; this is the
+    same result as a Gaussian filter followed by ``grid_sample(align_corners=True)`` with zero
+    padding, at a fraction of the cost on the CPU (a 3D Gaussian filter of a whole BraTS volume
+    takes about 0.7 s on 2 cores). ``"nearest"`` (labels) picks voxels by index. Outside ``src``
+    the result is 0.
     """
     shape = src.shape[1:]
+    if mode == "nearest":
+        out = src
+        for a, (c, n) in enumerate(zip(coords, shape)):
+            index = np.rint(c).astype(np.int64)
+            inside = torch.as_tensor((index >= 0) & (index < n), device=src.device)
+            picked = out.index_select(a + 1, torch.as_tensor(index.clip(0, n - 1), device=src.device))
+            view = [1] * picked.dim()
+            view[a + 1] = -1
+            out = picked * inside.view(view).to(picked.dtype)
+        return out
     margin = [int(math.ceil(4 * s)) + 1 for s in sigma]
     lo = [min(max(0, int(math.floor(c[0])) - m), n - 1) for c, m, n in zip(coords, margin, shape)]
     hi = [max(min(n, int(math.ceil(c[-1])) + m + 1), l + 1) for c, m, n, l in zip(coords, margin, shape, lo)]
-    region = src[(slice(None),) + tuple(slice(l, h) for l, h in zip(lo, hi))]
-    if mode == "bilinear" and any(s > 0 for s in sigma):
-        region = GaussianFilter(len(shape), sigma=[max(s, 1e-6) for s in sigma]).to(src.device)(region[None])[0]
-    axes = [
-        torch.as_tensor(2 * (c - l) / max(h - l - 1, 1) - 1, dtype=torch.float32, device=src.device)
-        for c, l, h in zip(coords, lo, hi)
-    ]
-    # grid_sample wants (x, y, z) = the tensor's spatial axes in reverse order
-    grid = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)[None]
-    return F.grid_sample(region[None], grid, mode=mode, padding_mode="zeros", align_corners=True)[0]
-
+    out = src[(slice(None),) + tuple(slice(l, h) for l, h in zip(lo, hi))]
+    for a, (c, l, h, s) in enumerate(zip(coords, lo, hi, sigma)):
+        op = _axis_operator(c, l, h, s, src.device)
+        out = torch.movedim(torch.movedim(out, a + 1, -1) @ op.T, -1, a + 1)
+    return out.contiguous()
 
 class RandSpacingPatchd(Randomizable, MapTransform):
     """The HyperSpace training augmentation: resample to a random spacing, then take a patch.
@@ -94,9 +117,10 @@ class RandSpacingPatchd(Randomizable, MapTransform):
     normalised as the whole image is at inference; voxels outside the image are 0 in the image and
     background in the label.
 
-    Crop and resampling are one ``grid_sample`` over the region the patch needs, on the device the
-    data is on: place ``ToDeviced(keys, "cuda")`` before this transform (e.g. after a
-    ``CacheDataset``'s deterministic transforms) to resample on the GPU.
+    Crop, anti-aliasing and resampling read only the region the patch needs, as one small matrix
+    per axis (the grid is axis-aligned), on the device the data is on: place
+    ``ToDeviced(keys, "cuda")`` before this transform (e.g. after a ``CacheDataset``'s
+    deterministic transforms) to resample on the GPU.
 
     The drawn spacing is stored under ``spacing_key`` as a ``(D,)`` float32 tensor (collated to
     ``(B, D)``), and the outputs are MetaTensors whose affine maps the patch into the scanner

@@ -341,3 +341,29 @@ def test_output_spacing_simulates_coarse_acquisition_at_fixed_spacing(ball):
     blurred = RandSpacingPatchd("image", [[3.0, 3.0]] * 3, (32, 32, 32), mode="bilinear", label_key=None, normalize=False, output_spacing=fixed)
     assert float(sharp(noise)["image"].std()) > 0.9
     assert float(blurred(noise)["image"].std()) < 0.3
+
+
+def test_separable_resampling_equals_gaussian_filter_then_grid_sample():
+    """The per-axis operators reproduce MONAI's GaussianFilter followed by trilinear grid_sample."""
+    import torch.nn.functional as F
+    from monai.networks.layers import GaussianFilter
+
+    from custom_networks.transforms import _resample
+
+    torch.manual_seed(0)
+    src = torch.randn(2, 30, 26, 22)
+    coords = [np.arange(9) * 2.5 + 3.3, np.arange(8) * 1.7 + 4.1, np.arange(10) * 0.6 + 7.2]
+    sigma = (0.75, 0.35, 0.0)
+    ours = _resample(src, coords, sigma, "bilinear")
+
+    blurred = GaussianFilter(3, sigma=[0.75, 0.35, 1e-6], truncated=4.0)(src[None])[0]
+    axes = [torch.as_tensor(2 * c / (n - 1) - 1, dtype=torch.float32) for c, n in zip(coords, src.shape[1:])]
+    grid = torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1)[None]
+    reference = F.grid_sample(blurred[None], grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
+
+    labels = torch.randint(0, 4, (1, 30, 26, 22))
+    picked = _resample(labels, [np.array([-1.0, 0.4, 28.6, 29.6]), np.array([3.0]), np.array([21.0, 22.0])], (0, 0, 0), "nearest")
+    expected = torch.zeros(1, 4, 1, 2, dtype=labels.dtype)
+    expected[0, 1:3, 0, 0] = labels[0, [0, 29], 3, 21]
+    torch.testing.assert_close(picked, expected)
