@@ -94,6 +94,37 @@ def test_evaluation_writes_dice_per_structure(trained):
             assert row[k] == "nan" or 0.0 <= float(row[k]) <= 1.0
 
 
+def test_packed_zip_runs_inference_outside_the_repository(trained, tmp_path):
+    """A shared bundle needs only the requirements: unzip it away from this checkout and run it."""
+    import shutil
+    import zipfile
+
+    from custom_networks.bundle_tools import pack
+
+    name, data, root = trained
+    staged = tmp_path / "staged" / BUNDLES[name]
+    shutil.copytree(bundle_dir(name), staged, ignore=shutil.ignore_patterns("eval", "models"))
+    (staged / "models").mkdir()
+    shutil.copy(os.path.join(root, "models", "model.pt"), staged / "models" / "model.pt")
+    archive = pack(str(staged), output=str(tmp_path / "bundle.zip"))
+    elsewhere = tmp_path / "elsewhere"
+    with zipfile.ZipFile(archive) as z:
+        z.extractall(elsewhere)
+    unpacked = elsewhere / BUNDLES[name]
+    assert not str(unpacked).startswith(ROOT)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = str(unpacked)
+    where = subprocess.run([sys.executable, "-c", "import custom_networks; print(custom_networks.__file__)"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert where.stdout.strip().startswith(str(unpacked)), where.stdout + where.stderr
+    out = tmp_path / "pred"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(unpacked / "configs" / "inference.json"),
+           "--bundle_root", str(unpacked), "--dataset_dir", data, "--output_dir", str(out), *SMALL[name]]
+    result = subprocess.run(cmd, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len(list(out.glob("*_seg.nii.gz"))) == 5
+
+
 @pytest.mark.parametrize("name", list(BUNDLES))
 def test_config_workflows_have_the_bundle_properties(name, tmp_path):
     data = str(tmp_path / "data")
@@ -139,6 +170,10 @@ def test_bad_image_and_label_fail_naming_the_file(tmp_path):
     t1ce = next(case.glob("*_t1ce.nii.gz"))
     ref = nib.load(str(t1ce))
 
+    weights = tmp_path / "r" / "models"
+    weights.mkdir(parents=True)
+    torch.save(HyperUNet(out_channels=2, channels=(8, 16)).state_dict(), weights / "model.pt")
+
     # a 4-D image where a single 3-D volume is expected
     stacked = np.stack([np.asarray(ref.dataobj)] * 2, axis=-1)
     nib.save(nib.Nifti1Image(stacked, ref.affine), str(t1ce))
@@ -149,18 +184,30 @@ def test_bad_image_and_label_fail_naming_the_file(tmp_path):
     assert str(t1ce) in result.stderr and "volumes" in result.stderr, result.stderr[-3000:]
     assert not list(out.glob("*")) if out.exists() else True
 
+    # a spacing header of 0 mm
+    flat = ref.affine.copy()
+    flat[:, 0] = 0.0
+    header = nib.Nifti1Header()
+    header.set_sform(flat, code="scanner")  # nibabel refuses a singular affine anywhere else
+    nib.save(nib.Nifti1Image(np.asarray(ref.dataobj), None, header=header), str(t1ce))
+    result = run_bundle("brats", "inference", ["inference.json"], "--dataset_dir", str(data), "--bundle_root", str(tmp_path / "r"),
+                        "--output_dir", str(out), expect_ok=False)
+    assert result.returncode != 0
+    assert str(t1ce) in result.stderr and "spacing" in result.stderr, result.stderr[-3000:]
+    assert not list(out.glob("*")) if out.exists() else True
+
     # a label value outside the BraTS label map (0, 1, 2, 4)
     nib.save(ref, str(t1ce))
-    seg = next(case.glob("*_seg.nii.gz"))
-    s = nib.load(str(seg))
-    bad = np.asarray(s.dataobj).copy()
-    bad[0, 0, 0] = 3
-    nib.save(nib.Nifti1Image(bad, s.affine), str(seg))
+    for seg in data.glob("*/*_seg.nii.gz"):  # every case, whichever split it lands in
+        s = nib.load(str(seg))
+        bad = np.asarray(s.dataobj).copy()
+        bad[0, 0, 0] = 3
+        nib.save(nib.Nifti1Image(bad, s.affine), str(seg))
     root = tmp_path / "train"
     result = run_bundle("brats", "training", ["train.json"], "--dataset_dir", str(data), "--bundle_root", str(root),
                         "--epochs", "1", "--num_workers", "0", "--batch_size", "2", "--cache_rate", "0", expect_ok=False)
     assert result.returncode != 0
-    assert str(seg) in result.stderr and "3" in result.stderr, result.stderr[-3000:]
+    assert "_seg.nii.gz" in result.stderr and "values 3" in result.stderr, result.stderr[-3000:]
     assert not (root / "models" / "model.pt").exists()
 
 
