@@ -206,8 +206,9 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         half = (np.asarray(self.patch_size) - 1) / 2 * np.asarray(target) / np.asarray(source)
         if label is not None and self.R.rand() < self.pos_fraction:
             label = label[0] if label.shape[0] == 1 else label.argmax(0)
-            values = torch.unique(label)
-            values = values[values != 0]
+            label = label.as_tensor() if isinstance(label, MetaTensor) else label
+            # class indices are small non-negative integers: bincount is far cheaper than unique
+            values = torch.nonzero(torch.bincount(label.reshape(-1).long().clamp_min(0))[1:]).reshape(-1) + 1
             if len(values):
                 value = values[self.R.randint(len(values))]
                 voxels = torch.nonzero(label == value)
