@@ -4,7 +4,7 @@ None of the three data sets can be downloaded here, so the data list, the loader
 are tested on generated cases that have the real folder layout, file formats, raw label values and
 header conventions, at a size a CPU handles in seconds:
 
-- BraTS 2021: ``<root>/BraTS2021_XXXXX/BraTS2021_XXXXX_{t1,t1ce,t2,flair,seg}.nii.gz``, a
+- BraTS 2021: ``<root>/BraTS2021_NNNNN/BraTS2021_NNNNN_{t1,t1ce,t2,flair,seg}.nii.gz``, a
   skull-stripped brain ellipsoid (exactly 0 outside) with a tumour: necrosis (1) inside an
   enhancing rim (4), surrounded by edema (2). Stored in the LPS voxel order of the real files.
 - SPIDER: ``<root>/images/N_{t1,t2}.mha`` and ``<root>/masks/N_{t1,t2}.mha``, sagittal thick-slice
