@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 
+from .fileio import atomic_output
 from .spacing import SpacingRange, parse_spacing
 
 __all__ = ["export", "find_schema", "pack", "spacing_input_description", "verify"]
@@ -277,13 +278,6 @@ def _spacing_tag(spacing) -> str:
     return "x".join(f"{v:g}" for v in spacing)
 
 
-def _temporary_sibling(output: Path) -> Path:
-    """A hidden file next to ``output`` to write first and then rename onto it (``os.replace``
-    is atomic within one file system), so an error never leaves a half-written ``output``."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    return output.with_name(f".{output.name}.{os.getpid()}.tmp")
-
-
 def export(
     bundle_dir,
     spacing,
@@ -367,12 +361,8 @@ def export(
     output = Path(output) if output is not None else bundle / "models" / f"model_{_spacing_tag(spacing)}mm.ts"
     if not output.suffix:
         output = output.with_suffix(".ts")
-    tmp = _temporary_sibling(output)
-    try:
+    with atomic_output(output) as tmp:
         save_net_with_metadata(scripted, str(tmp), include_config_vals=False, meta_values=meta, more_extra_files=extra_files)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return str(output)
 
 
@@ -421,14 +411,10 @@ def pack(bundle_dir, output=None) -> str:
     if not (bundle / "models" / "model.pt").is_file():
         print(f"note: {bundle / 'models' / 'model.pt'} does not exist; the zip has no trained weights.")
 
-    tmp = _temporary_sibling(output)
-    try:
+    with atomic_output(output) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
             for src, arcname in files:
                 zf.write(src, arcname)
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
 
     root = f"<dir>/{name}"
     print(

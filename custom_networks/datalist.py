@@ -20,11 +20,11 @@ import json
 import os
 import re
 import sys
-import tempfile
 
 import numpy as np
 
 from .datasets import DATASETS, DatasetSpec, get_dataset
+from .fileio import atomic_output
 
 __all__ = ["find_cases", "inference_items", "load_split", "make_datalist", "split_cases", "write_json_atomic"]
 
@@ -159,25 +159,11 @@ def write_json_atomic(data, path: str) -> str:
     A reader sees the old file or the complete new one, never half a file; on an error the temporary
     file is removed and ``path`` is untouched. Returns the absolute path.
     """
-    path = os.path.abspath(os.path.expanduser(str(path)))
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        # mkstemp creates the file private (0600); give it the mode an ordinary open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as f:
+    with atomic_output(path) as tmp:
+        with open(tmp, "w") as f:
             json.dump(data, f, indent=2)
             f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return os.path.abspath(os.path.expanduser(str(path)))
 
 
 def make_datalist(

@@ -63,7 +63,6 @@ def run(output_dir: str = "demo_output", iterations: int = 40, batch_size: int =
     """
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
     set_determinism(seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     items = write_size_task_dataset(os.path.join(output_dir, "data"), seed=seed)
     train_items, test_items = items[:-2], items[-2:]
 
