@@ -198,6 +198,9 @@ class MapLabelsd(MapTransform):
         keys: label keys.
         label_map: raw value -> class index, e.g. ``get_dataset("brats").label_map``.
         dtype: output dtype (MONAI's ``LoadImaged`` default is float32 as well).
+        map_key: an item may carry its own map under this key (e.g. a label drawn in 3D Slicer,
+            whose values follow the segment order the user chose); it replaces ``label_map`` for
+            that item and is removed from the output.
 
     Raises:
         ValueError: naming the file (``meta["filename_or_obj"]``), the unexpected values and the
@@ -209,40 +212,51 @@ class MapLabelsd(MapTransform):
         keys: KeysCollection,
         label_map: Mapping[int, int],
         dtype: torch.dtype = torch.float32,
+        map_key: str | None = "label_map",
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
+        self.label_map = self._checked(label_map)
+        self.dtype = dtype
+        self.map_key = map_key
+
+    @staticmethod
+    def _checked(label_map: Mapping) -> dict[int, int]:
         if not label_map:
             raise ValueError("label_map is empty; expected raw value -> class index pairs such as {0: 0, 1: 1}.")
         raw = [float(k) for k in label_map]
         if any(not v.is_integer() for v in raw):
             raise ValueError(f"label_map keys must be integers; got {format_values(raw)}.")
-        self.label_map = {int(k): int(v) for k, v in label_map.items()}
-        self.dtype = dtype
-        self._offset = min(self.label_map)
-        lut = torch.zeros(max(self.label_map) - self._offset + 1, dtype=torch.int64)
-        for k, v in self.label_map.items():
-            lut[k - self._offset] = v
-        self._lut = lut
+        return {int(k): int(v) for k, v in label_map.items()}
+
+    @staticmethod
+    def _unexpected(label: torch.Tensor, label_map: Mapping[int, int]) -> list[float]:
+        values = torch.unique(torch.as_tensor(label).detach().reshape(-1).float().cpu()).tolist()
+        return [v for v in values if not (math.isfinite(v) and v.is_integer() and int(v) in label_map)]
 
     def unexpected_values(self, label: torch.Tensor) -> list[float]:
         """Values in ``label`` that are not keys of the map (sorted)."""
-        values = torch.unique(torch.as_tensor(label).detach().reshape(-1).float().cpu()).tolist()
-        return [v for v in values if not (math.isfinite(v) and v.is_integer() and int(v) in self.label_map)]
+        return self._unexpected(label, self.label_map)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
+        item_map = d.pop(self.map_key, None) if self.map_key else None
+        label_map = self._checked(item_map) if item_map else self.label_map
+        offset = min(label_map)
+        lut = torch.zeros(max(label_map) - offset + 1, dtype=torch.int64)
+        for k, v in label_map.items():
+            lut[k - offset] = v
         for key in self.key_iterator(d):
             label = d[key]
-            unexpected = self.unexpected_values(label)
+            unexpected = self._unexpected(label, label_map)
             if unexpected:
                 raise ValueError(
                     f"{_filename(label)}: label '{key}' has values {format_values(unexpected)} that the label map "
-                    f"does not know; expected only {format_values(self.label_map)}. Is this the right data set "
+                    f"does not know; expected only {format_values(label_map)}. Is this the right data set "
                     "(or a resampled label, which must use nearest-neighbour interpolation)?"
                 )
             src = label.as_tensor() if isinstance(label, MetaTensor) else torch.as_tensor(label)
-            mapped = self._lut.to(src.device)[src.long() - self._offset].to(self.dtype)
+            mapped = lut.to(src.device)[src.long() - offset].to(self.dtype)
             if isinstance(label, MetaTensor):
                 mapped = MetaTensor(mapped, meta=label.meta, applied_operations=label.applied_operations)
             d[key] = mapped

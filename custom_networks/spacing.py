@@ -130,6 +130,29 @@ class SpacingRange:
             raise ValueError(f"spacing range {value!r} must be one [low, high] pair (mm) per axis.")
         return cls(tuple(p[0] for p in pairs), tuple(p[1] for p in pairs))
 
+    @classmethod
+    def from_string(cls, text: str, spatial_dims: int = 3) -> "SpacingRange":
+        """Parse ``"0.5,3.5"`` (every axis) or ``"1,5; 0.2,1.5; 0.2,1.5"`` (one ``low,high`` per axis), mm.
+
+        The form a range takes in a text field, e.g. an option in 3D Slicer. Inverse of :meth:`to_string`.
+        """
+        expected = f"'low,high' for every axis or {spatial_dims} such pairs separated by ';', e.g. '0.5,3.5' (mm)"
+        pairs = [p for p in str(text).split(";") if p.strip()]
+        try:
+            values = [[float(v) for v in p.replace(" ", ",").split(",") if v] for p in pairs]
+        except ValueError:
+            raise ValueError(f"spacing range {text!r} is not numeric; expected {expected}.") from None
+        if len(values) == 1:
+            values = values * spatial_dims
+        if len(values) != spatial_dims or any(len(v) != 2 for v in values):
+            raise ValueError(f"spacing range {text!r} is malformed; expected {expected}.")
+        return cls(tuple(v[0] for v in values), tuple(v[1] for v in values))
+
+    def to_string(self) -> str:
+        """``"0.5,3.5"`` when all axes share one range, else ``"1,5; 0.2,1.5; 0.2,1.5"``."""
+        pairs = [f"{lo:g},{hi:g}" for lo, hi in zip(self.low, self.high)]
+        return pairs[0] if len(set(pairs)) == 1 else "; ".join(pairs)
+
     @property
     def spatial_dims(self) -> int:
         return len(self.low)

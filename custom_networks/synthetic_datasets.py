@@ -246,7 +246,7 @@ _WRITERS: dict[str, Callable] = {
 }
 
 
-def write_synthetic_dataset(dataset: str, root: str, n_cases: int = 5, seed: int = 0) -> str:
+def write_synthetic_dataset(dataset: str, root: str, n_cases: int = 5, seed: int = 0, spacings=None) -> str:
     """Write ``n_cases`` generated cases of ``dataset`` in its official layout under ``root``.
 
     Args:
@@ -254,6 +254,8 @@ def write_synthetic_dataset(dataset: str, root: str, n_cases: int = 5, seed: int
         root: the data set folder (created; existing files of the same names are overwritten).
         n_cases: number of cases; ids from :func:`case_ids`, spacings from :data:`SPACINGS` (cycled).
         seed: draws anatomy and noise.
+        spacings: spacings (mm, RAS order) to cycle through instead of :data:`SPACINGS`, e.g.
+            ``[[0.8, 0.8, 5.0]]`` for thick axial slices.
 
     Returns:
         ``root`` as an absolute path.
@@ -264,7 +266,9 @@ def write_synthetic_dataset(dataset: str, root: str, n_cases: int = 5, seed: int
     root = os.path.abspath(os.path.expanduser(str(root)))
     os.makedirs(root, exist_ok=True)
     rng = np.random.RandomState(seed)
-    spacings = SPACINGS[spec.name]
+    spacings = [tuple(float(v) for v in s) for s in spacings] if spacings is not None else SPACINGS[spec.name]
+    if not spacings or any(len(s) != 3 or min(s) <= 0 for s in spacings):
+        raise ValueError(f"spacings {spacings!r} must be a list of positive (x, y, z) spacings in mm.")
     for i, case in enumerate(case_ids(spec.name, int(n_cases))):
         _WRITERS[spec.name](root, i, case, np.asarray(spacings[i % len(spacings)], float), rng)
     return root

@@ -296,7 +296,9 @@ class SpacingPolicyd(MapTransform, InvertibleTransform):
 
     Args:
         keys: images to resample; the first decides the working spacing.
-        policy: ``"native"``, ``"target"`` or ``"clamp"``.
+        policy: ``"native"``, ``"target"`` or ``"clamp"``; or a callable
+            ``(native_spacing, spatial_shape) -> working_spacing`` (mm, tensor axis order) that
+            decides per image, e.g. :class:`~custom_networks.cost.BudgetSpacing`.
         target_spacing: mm for ``"target"``: a number, a sequence or a string like ``"1.5,1.5,3"``.
         trained_range: the model's spacing range for ``"clamp"``.
         mode: interpolation per key (``"bilinear"`` images, ``"nearest"`` labels).
@@ -314,8 +316,9 @@ class SpacingPolicyd(MapTransform, InvertibleTransform):
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        # validate now so a wrong option fails before any image is read
-        working_spacing((1.0, 1.0, 1.0), policy, target_spacing, trained_range)
+        if not callable(policy):
+            # validate now so a wrong option fails before any image is read
+            working_spacing((1.0, 1.0, 1.0), policy, target_spacing, trained_range)
         self.policy = policy
         self.target_spacing = target_spacing
         self.trained_range = trained_range
@@ -329,7 +332,10 @@ class SpacingPolicyd(MapTransform, InvertibleTransform):
         if not keys:
             return d
         native = image_spacing(d[keys[0]])
-        target = working_spacing(native, self.policy, self.target_spacing, self.trained_range)
+        if callable(self.policy):
+            target = tuple(float(s) for s in self.policy(native, tuple(d[keys[0]].shape[1:])))
+        else:
+            target = working_spacing(native, self.policy, self.target_spacing, self.trained_range)
         self.resampler.pixdim = np.asarray(target, dtype=np.float64)
         for key, mode in zip(keys, self.mode):
             img = d[key]

@@ -1,0 +1,3 @@
+from .hyperspace import HyperSpaceConfig, discover_bundles
+
+__all__ = ["HyperSpaceConfig", "discover_bundles"]

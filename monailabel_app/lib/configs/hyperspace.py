@@ -1,0 +1,100 @@
+"""One bundle of ``bundles/`` as a MONAI Label model: its configs, its checkpoint, its tasks.
+
+The bundle's own configs stay the one source of truth: the infer task takes its preprocessing,
+sliding-window inferer and network from ``configs/inference.json``, the train task runs
+``configs/train.json``. Nothing is copied out of the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+from monailabel.interfaces.config import TaskConfig
+
+from ..infers import HyperSpaceSegmentation
+from ..trainers import HyperSpaceTrain
+
+REQUIRED_CONFIGS = ("metadata.json", "inference.json", "train.json")
+
+
+def discover_bundles(bundles_dir: str, models: str = "all") -> dict[str, str]:
+    """Bundle name -> folder for the bundles in ``bundles_dir`` that ``models`` asks for.
+
+    Args:
+        bundles_dir: a folder of MONAI bundles (each with ``configs/`` holding
+            :data:`REQUIRED_CONFIGS`).
+        models: ``"all"`` or a comma-separated list of bundle folder names.
+
+    Raises:
+        ValueError: naming the folder or the unknown names and the available ones.
+    """
+    if not os.path.isdir(bundles_dir):
+        raise ValueError(f"bundles folder {bundles_dir!r} does not exist; expected the repository's bundles/ folder.")
+    available = {
+        name: os.path.join(bundles_dir, name)
+        for name in sorted(os.listdir(bundles_dir))
+        if all(os.path.isfile(os.path.join(bundles_dir, name, "configs", c)) for c in REQUIRED_CONFIGS)
+    }
+    if not available:
+        raise ValueError(f"no bundles (folders with configs/{', configs/'.join(REQUIRED_CONFIGS)}) in {bundles_dir!r}.")
+    wanted = [m.strip() for m in str(models or "all").split(",") if m.strip()]
+    if wanted in ([], ["all"]):
+        return available
+    unknown = [m for m in wanted if m not in available]
+    if unknown:
+        raise ValueError(f"--conf models: unknown bundle(s) {unknown}; available: {', '.join(available)} (or 'all').")
+    return {m: available[m] for m in wanted}
+
+
+class HyperSpaceConfig(TaskConfig):
+    """A HyperSpace bundle served by the app.
+
+    After :meth:`init`:
+
+    - ``spec``: the bundle's :class:`~custom_networks.DatasetSpec` (classes, trained spacing range).
+    - ``labels``: structure name -> class index, background left out (MONAI Label's convention).
+    - ``path``: the checkpoint the infer task reads and the train task writes: the bundle's own
+      ``models/<model_file>`` (what ``python -m monai.bundle run training`` writes), or
+      ``<model_dir>/<bundle name>.pt`` when the app is started with ``--conf model_dir``.
+    """
+
+    def init(self, name: str, model_dir: str | None, conf: dict, planner: Any, bundle_path: str = "", overrides: dict | None = None, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.bundle_path = os.path.abspath(bundle_path)
+        self.overrides = dict(overrides or {})
+        with open(os.path.join(self.bundle_path, "configs", "metadata.json")) as f:
+            self.metadata = json.load(f)
+        parser = self.parser("inference.json")
+        self.spec = parser.get_parsed_content("spec")
+        self.labels = {n: i for n, i in self.spec.label_names.items() if i > 0}
+        model_file = parser.get_parsed_content("model_file")
+        self.path = os.path.join(model_dir, f"{name}.pt") if model_dir else os.path.join(self.bundle_path, "models", model_file)
+
+    def config_file(self, name: str) -> str:
+        return os.path.join(self.bundle_path, "configs", name)
+
+    def parser(self, config: str, **overrides: Any) -> ConfigParser:
+        """A fresh parser of one of the bundle's configs, with the app-wide and the given overrides."""
+        parser = ConfigParser()
+        parser.read_config(self.config_file(config))
+        parser.read_meta(self.config_file("metadata.json"))
+        parser.update({"bundle_root": self.bundle_path, **self.overrides, **overrides})
+        return parser
+
+    def build_network(self, device: str | torch.device) -> torch.nn.Module:
+        """A new, untrained instance of the bundle's network (``network_def``) on ``device``."""
+        return self.parser("inference.json").get_parsed_content("network_def").to(device)
+
+    @property
+    def description(self) -> str:
+        return self.metadata.get("description", self.name)
+
+    def infer(self) -> HyperSpaceSegmentation:
+        return HyperSpaceSegmentation(self)
+
+    def trainer(self) -> HyperSpaceTrain:
+        return HyperSpaceTrain(self)

@@ -1,0 +1,254 @@
+"""Spacing-adaptive segmentation for 3D Slicer: one HyperSpace model, a working spacing per request.
+
+Options in Slicer's options panel (``config``):
+
+- ``spacing_mode``: ``clamp`` (default: the image's own spacing, axes outside the trained range
+  moved to its nearest edge), ``native`` (the image's own spacing, even outside the trained range),
+  ``target`` (``target_spacing_mm``), ``auto`` (the finest spacing whose predicted cost fits
+  ``memory_budget_gb`` on a GPU and ``time_budget_s``; see :mod:`custom_networks.cost`).
+- ``target_spacing_mm``: ``"1.5"`` or ``"1.5,1.5,3"`` (mm, image axes after the bundle's
+  orientation step, RAS for all bundles here).
+- ``memory_budget_gb``, ``time_budget_s``: the budgets of ``auto`` (``<= 0``: no limit). Peak GPU
+  memory is predicted on CUDA only; on the CPU ``auto`` plans by time.
+
+The label comes back on the input's own grid (shape, spacing, origin, direction): the bundle's
+preprocessing is inverted with MONAI's ``Invertd``. The result's JSON ``params`` say what happened:
+``spacing_mode``, ``native_spacing_mm``, ``working_spacing_mm``, ``working_shape``, ``seconds``,
+``peak_memory_gb`` (``memory_kind``: CUDA allocator or CPU resident set), and for ``auto`` the
+prediction it planned with.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+from fastapi import HTTPException
+from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, SqueezeDimd
+from monailabel.interfaces.tasks.infer_v2 import InferType
+from monailabel.tasks.infer.basic_infer import BasicInferTask
+from monailabel.utils.others.generic import name_to_device
+
+from custom_networks.cost import BudgetSpacing, InferenceCost
+from custom_networks.profiling import measure
+from custom_networks.spacing import parse_spacing
+
+if TYPE_CHECKING:
+    from ..configs.hyperspace import HyperSpaceConfig
+
+SPACING_MODES = ("clamp", "native", "target", "auto")
+_PRE = "hyperspace_preprocessing"
+_BUDGET = "hyperspace_budget"
+
+
+def _root_message(error: BaseException) -> str:
+    """The innermost cause of a (MONAI-wrapped) exception, as ``Type: message``."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
+
+
+def _option(data: dict, key: str, default: Any) -> Any:
+    # a dropdown's default travels as the whole list; the client sends only the chosen item
+    value = data.get(key, default)
+    return value[0] if isinstance(value, (list, tuple)) and value else value
+
+
+def _budget(data: dict, key: str, default: float) -> float:
+    value = _option(data, key, default)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise HTTPException(400, f"{key} {data.get(key)!r} is not a number; expected a finite number (<= 0 for no limit).")
+    return value
+
+
+class HyperSpaceSegmentation(BasicInferTask):
+    """Segmentation with a bundle's HyperSpace model at a working spacing the request chooses.
+
+    Args:
+        bundle: the :class:`~lib.configs.hyperspace.HyperSpaceConfig` to serve.
+        default_target_mm: the ``target_spacing_mm`` shown by default.
+        memory_budget_gb, time_budget_s: the default budgets of ``auto``.
+    """
+
+    def __init__(self, bundle: "HyperSpaceConfig", default_target_mm: float = 1.5, memory_budget_gb: float = 8.0, time_budget_s: float = 20.0):
+        self.bundle = bundle
+        self.trained_range = bundle.spec.spacing_range
+        parser = bundle.parser("inference.json")
+        inferer = parser.get_parsed_content("inferer")
+        target = self.trained_range.clamp([default_target_mm] * self.trained_range.spatial_dims)
+        super().__init__(
+            path=bundle.path,
+            network=None,
+            type=InferType.SEGMENTATION,
+            labels=bundle.labels,
+            dimension=3,
+            description=f"{bundle.description} Trained on spacings {self.trained_range.to_string()} mm.",
+            roi_size=tuple(inferer.roi_size),
+            config={
+                "spacing_mode": list(SPACING_MODES),
+                "target_spacing_mm": ",".join(f"{s:g}" for s in target),
+                "memory_budget_gb": float(memory_budget_gb),
+                "time_budget_s": float(time_budget_s),
+            },
+        )
+        self.overlap = float(inferer.overlap)
+        self._lock = threading.Lock()
+        self._costs: dict[str, tuple[float, InferenceCost]] = {}
+
+    # --- what /info shows ---------------------------------------------------------------------
+    def is_valid(self) -> bool:
+        # always listed: an untrained model is still trainable from Slicer, and /info says so
+        return True
+
+    @property
+    def trained(self) -> bool:
+        return os.path.isfile(self.bundle.path)
+
+    def info(self) -> dict[str, Any]:
+        info = super().info()
+        info["trained"] = self.trained
+        info["checkpoint"] = self.bundle.path
+        info["trained_spacing_range_mm"] = self.trained_range.to_string()
+        if not self.trained:
+            info["description"] += " Not trained yet: run its train task (Slicer: Train) or put a checkpoint at " + self.bundle.path
+        return info
+
+    # --- request options ----------------------------------------------------------------------
+    def spacing_options(self, data: dict) -> dict[str, Any]:
+        """The validated spacing options of a request; a bad value is an HTTP 400 naming it."""
+        mode = str(_option(data, "spacing_mode", SPACING_MODES[0])).strip().lower()
+        if mode not in SPACING_MODES:
+            raise HTTPException(400, f"spacing_mode {data.get('spacing_mode')!r} is not one of {', '.join(SPACING_MODES)}.")
+        options: dict[str, Any] = {"mode": mode, "target": None}
+        if mode == "target":
+            try:
+                options["target"] = parse_spacing(_option(data, "target_spacing_mm", None), 3, what="target_spacing_mm")
+            except ValueError as e:
+                raise HTTPException(400, str(e)) from None
+        if mode == "auto":
+            options["memory_budget_gb"] = _budget(data, "memory_budget_gb", self._config["memory_budget_gb"])
+            options["time_budget_s"] = _budget(data, "time_budget_s", self._config["time_budget_s"])
+        return options
+
+    # --- the pipeline ---------------------------------------------------------------------------
+    def pre_transforms(self, data=None) -> Sequence[Callable]:
+        """The bundle's ``preprocessing`` (load, orient, resample to the working spacing, z-score)."""
+        options = self.spacing_options(data)
+        policy = "native" if options["mode"] == "auto" else options["mode"]
+        target = list(options["target"]) if options["target"] else None
+        parser = self.bundle.parser("inference.json", spacing_policy=policy, target_spacing=target)
+        preprocessing = parser.get_parsed_content("preprocessing")
+        if options["mode"] == "auto":
+            budget = BudgetSpacing(
+                self.cost(data["device"]),
+                self.trained_range,
+                time_budget_s=options["time_budget_s"],
+                # the memory model predicts GPU memory; on the CPU only the time budget applies
+                memory_budget_gb=options["memory_budget_gb"] if str(data["device"]).startswith("cuda") else None,
+            )
+            parser.get_parsed_content("resample").policy = budget
+            data[_BUDGET] = budget
+        data[_PRE] = preprocessing
+        return preprocessing.transforms
+
+    def run_pre_transforms(self, data: dict, transforms):
+        try:
+            return super().run_pre_transforms(data, transforms)
+        except HTTPException:
+            raise
+        except Exception as e:
+            raise HTTPException(422, f"image {data.get('image_path') or data.get('image')!r} could not be read or prepared: {_root_message(e)}") from e
+
+    def inferer(self, data=None):
+        return self.bundle.parser("inference.json").get_parsed_content("inferer")
+
+    def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cuda") -> dict:
+        """The bundle's sliding-window inferer, told the working spacing explicitly."""
+        network = self._get_network(device, data)
+        inputs = data[self.input_key][None].to(device)
+        spacing = torch.as_tensor(data["spacing"], dtype=torch.float32)[None].to(device)
+        with torch.no_grad(), torch.autocast("cuda", enabled=str(device).startswith("cuda")):
+            outputs = self.inferer(data)(inputs, network, spacing=spacing)
+        # probabilities go back to the CPU: the inversion to the native grid needs no GPU memory
+        data[self.output_label_key] = outputs[0].float().cpu()
+        return data
+
+    def post_transforms(self, data=None) -> Sequence[Callable]:
+        return [
+            Activationsd(keys="pred", softmax=True),
+            # linear on probabilities, then argmax: smoother than nearest on labels
+            Invertd(keys="pred", transform=data[_PRE], orig_keys="image", nearest_interp=False, to_tensor=True),
+            AsDiscreted(keys="pred", argmax=True),
+            SqueezeDimd(keys="pred", dim=0),
+        ]
+
+    def writer(self, data: dict, extension=None, dtype=None):
+        label, result = super().writer(data, extension, dtype)
+        image = data[self.input_key]
+        result["spacing_mode"] = self.spacing_options(data)["mode"]
+        result["native_spacing_mm"] = [round(float(s), 4) for s in data["pred"].pixdim]
+        result["working_spacing_mm"] = [round(float(s), 4) for s in data["spacing"]]
+        result["working_shape"] = list(image.shape[1:])
+        if data.get(_BUDGET) is not None:
+            result["auto"] = data[_BUDGET].decision
+        return label, result
+
+    def __call__(self, request, callbacks=None):
+        device = name_to_device(request.get("device") or self._config["device"])
+        try:
+            with measure(device) as m:
+                label, result = super().__call__(request, callbacks)
+        except HTTPException:
+            raise
+        except Exception as e:
+            raise HTTPException(500, f"{self.bundle.name} failed on image {request.get('image')!r}: {_root_message(e)}") from e
+        result.update(m.as_dict())
+        return label, result
+
+    # --- the network and its cost ------------------------------------------------------------
+    def _get_network(self, device, data):
+        """The bundle's network with the newest checkpoint; reloaded when the file changes."""
+        path = self.bundle.path
+        if not os.path.isfile(path):
+            raise HTTPException(
+                409,
+                f"model '{self.bundle.name}' has no trained weights yet (expected {path}). Train it first "
+                f"(Slicer: Train; REST: POST /train/{self.bundle.name}) or copy a checkpoint there.",
+            )
+        mtime = os.stat(path).st_mtime
+        with self._lock:
+            cached = self._networks.get(device)
+            if cached and cached[1] == mtime:
+                return cached[0]
+            network = self.bundle.build_network(device)
+            state = torch.load(path, map_location=device, weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get("model"), dict):
+                state = state["model"]
+            try:
+                network.load_state_dict(state)
+            except RuntimeError as e:
+                raise HTTPException(409, f"checkpoint {path} does not fit bundle '{self.bundle.name}': {str(e).splitlines()[0]}") from None
+            network.eval()
+            self._networks[device] = (network, mtime)
+            self._costs.pop(device, None)
+            return network
+
+    def cost(self, device: str) -> InferenceCost:
+        """The cost model of this network on ``device``, calibrated once per checkpoint."""
+        network = self._get_network(device, None)
+        mtime = self._networks[device][1]
+        with self._lock:
+            cached = self._costs.get(device)
+            if cached and cached[0] == mtime:
+                return cached[1]
+            spacing = self.trained_range.clamp([1.5] * self.trained_range.spatial_dims)
+            cost = InferenceCost.calibrate(network, self.roi_size, self.overlap, 1, self.bundle.spec.num_classes, spacing, device)
+            self._costs[device] = (mtime, cost)
+            return cost

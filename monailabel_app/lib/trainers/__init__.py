@@ -1,0 +1,3 @@
+from .hyperspace import HyperSpaceTrain
+
+__all__ = ["HyperSpaceTrain"]

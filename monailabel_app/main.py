@@ -1,0 +1,135 @@
+"""HyperSpace for 3D Slicer: the bundles of ``bundles/`` served by MONAI Label.
+
+Start (from the repository root, with the project's environment active)::
+
+    python -m monailabel.main start_server --app monailabel_app --studies /path/to/images --conf models all
+
+``--conf`` options (all optional):
+
+- ``models``: ``all`` or comma-separated bundle folder names, e.g. ``brats_mri_tumour_segmentation``.
+- ``bundles_dir``: folder of bundles; default the repository's ``bundles/``.
+- ``model_dir``: where checkpoints are read and (by training) written, as ``<model_dir>/<bundle>.pt``;
+  default each bundle's own ``models/model.pt``, the file ``python -m monai.bundle run training`` writes.
+- ``bundle_overrides``: a JSON object of config overrides applied to every bundle's configs, as on
+  the bundle command line, e.g. ``'{"patch_size": [64, 64, 64], "num_workers": 0}'``.
+
+Each bundle is one model (its folder name) with a segmentation infer task and a train task; the
+active-learning strategies are ``random`` and ``first`` (first unlabelled image by id).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+
+import custom_networks
+from lib.configs import HyperSpaceConfig, discover_bundles
+
+logger = logging.getLogger(__name__)
+
+
+class HyperSpaceApp(MONAILabelApp):
+    """The MONAI Label app: every requested bundle as a model with spacing-adaptive inference and training."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        conf = conf or {}
+        bundles_dir = conf.get("bundles_dir") or os.path.join(os.path.dirname(os.path.abspath(app_dir)), "bundles")
+        try:
+            overrides = json.loads(conf.get("bundle_overrides") or "{}")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--conf bundle_overrides {conf.get('bundle_overrides')!r} is not JSON: {e}") from None
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--conf bundle_overrides must be a JSON object such as '{{\"num_workers\": 0}}'; got {overrides!r}.")
+        model_dir = conf.get("model_dir") or None
+        if model_dir:
+            os.makedirs(model_dir, exist_ok=True)
+        self.models: dict[str, HyperSpaceConfig] = {}
+        for name, path in discover_bundles(bundles_dir, conf.get("models", "all")).items():
+            config = HyperSpaceConfig()
+            config.init(name, model_dir, conf, None, bundle_path=path, overrides=overrides)
+            self.models[name] = config
+        logger.info(f"Serving bundles {list(self.models)} from {bundles_dir}; checkpoints {[c.path for c in self.models.values()]}")
+        _check_train_requests()
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="HyperSpace",
+            description="Spacing-adaptive segmentation: one model per structure set, run at any voxel spacing.",
+            version=custom_networks.__version__,
+        )
+
+    def init_infers(self):
+        return {name: config.infer() for name, config in self.models.items()}
+
+    def init_trainers(self):
+        return {name: config.trainer() for name, config in self.models.items()}
+
+    def init_strategies(self):
+        return {"random": Random(), "first": First()}
+
+    # MONAI Label turns its own exceptions into a bare "500 Internal Server Error"; the checks below
+    # answer a wrong request with its status and a message that says what was wrong.
+    def _check_model(self, model, tasks: dict, what: str) -> None:
+        if model not in tasks:
+            raise HTTPException(404, f"{what}: no model {model!r}; available: {', '.join(tasks) or 'none'}.")
+
+    def infer(self, request, datastore: Datastore | None = None):
+        self._check_model(request.get("model"), self._infers, "infer")
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image):
+            if not (datastore or self.datastore()).get_image_uri(image):
+                raise HTTPException(404, f"infer: image {image!r} is not in the datastore ({self.studies}).")
+        return super().infer(request, datastore)
+
+    def train(self, request):
+        self._check_model(request.get("model"), self._trainers, "train")
+        return super().train(request)
+
+    def next_sample(self, request):
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise HTTPException(404, f"activelearning: no strategy {strategy!r}; available: {', '.join(self._strategies)}.")
+        return super().next_sample(request)
+
+    def check_train_request(self, model, params: dict) -> None:
+        """Refuse a train request that cannot succeed: unknown model, bad option, nothing labelled."""
+        self._check_model(model, self._trainers, "train")
+        try:
+            self._trainers[model].options({**self._trainers[model].config(), **(params or {})})
+        except ValueError as e:
+            raise HTTPException(400, f"train {model}: {e}") from None
+        if not self.datastore().get_labeled_images():
+            raise HTTPException(409, f"train {model}: no labelled images in the datastore ({self.studies}); save at least one label first.")
+
+
+def _check_train_requests() -> None:
+    """Answer a train request that cannot succeed with a 4xx before MONAI Label starts it.
+
+    MONAI Label starts training in a subprocess and answers 200 at once, so a request with nothing
+    labelled or a bad option would only show up later as a failed task. Its endpoint has no hook,
+    so its ``run_model`` is wrapped, once per server process, to call
+    :meth:`HyperSpaceApp.check_train_request` first.
+    """
+    import monailabel.endpoints.train as endpoint
+    from monailabel.interfaces.utils.app import app_instance
+
+    if getattr(endpoint.run_model, "checks_request", False):
+        return
+    run_model = endpoint.run_model
+
+    def checked_run_model(model, params=None, run_sync=False, enqueue=False):
+        check = getattr(app_instance(), "check_train_request", None)
+        if check is not None:
+            check(model, params)
+        return run_model(model, params, run_sync, enqueue)
+
+    checked_run_model.checks_request = True
+    endpoint.run_model = checked_run_model
