@@ -24,6 +24,8 @@ import logging
 import os
 
 from fastapi import HTTPException
+from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.activelearning.first import First
@@ -71,6 +73,18 @@ class HyperSpaceApp(MONAILabelApp):
 
     def init_trainers(self):
         return {name: config.trainer() for name, config in self.models.items()}
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        # MONAI Label lists NIfTI and NRRD; SPIDER (and many exports) are MetaImage
+        extensions = list(dict.fromkeys([*settings.MONAI_LABEL_DATASTORE_FILE_EXT, "*.mha", "*.mhd"]))
+        return LocalDatastore(
+            self.studies,
+            extensions=extensions,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
 
     def init_strategies(self):
         return {"random": Random(), "first": First()}

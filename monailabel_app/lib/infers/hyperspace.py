@@ -20,6 +20,7 @@ prediction it planned with.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from ..configs.hyperspace import HyperSpaceConfig
 
 SPACING_MODES = ("clamp", "native", "target", "auto")
+logger = logging.getLogger(__name__)
 _PRE = "hyperspace_preprocessing"
 _BUDGET = "hyperspace_budget"
 
@@ -236,6 +238,7 @@ class HyperSpaceSegmentation(BasicInferTask):
             except RuntimeError as e:
                 raise HTTPException(409, f"checkpoint {path} does not fit bundle '{self.bundle.name}': {str(e).splitlines()[0]}") from None
             network.eval()
+            logger.info(f"Loaded checkpoint {path} for {self.bundle.name} on {device}")
             self._networks[device] = (network, mtime)
             self._costs.pop(device, None)
             return network

@@ -1,0 +1,282 @@
+"""The MONAI Label app as 3D Slicer uses it: a real server process on 127.0.0.1, driven with MONAI
+Label's own client (the REST calls the Slicer plugin makes), on a studies folder of generated
+NIfTI / NRRD / MHA volumes. The bundles are served with CPU-sized overrides (fewer channels,
+smaller windows) so that training takes seconds.
+
+The tests run in file order against one server: untrained model and bad requests first, then the
+annotate-and-retrain loop.
+"""
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import itk
+import nibabel as nib
+import numpy as np
+import psutil
+import pytest
+import requests
+from monailabel.client import MONAILabelClient
+from monailabel.client.client import MONAILabelClientException
+
+from custom_networks.synthetic_datasets import write_synthetic_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "brats_mri_tumour_segmentation"
+OVERRIDES = {"patch_size": [32, 32, 32], "network_def#channels": [8, 16], "num_workers": 0, "cache_rate": 0.0}
+SLICER = {"result_extension": ".nrrd", "result_dtype": "uint8"}  # what the Slicer plugin asks for
+TUMOUR = [{"name": "tumour_core", "idx": 3}]  # a Slicer segment order that differs from the model's
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_studies(root: str) -> tuple[str, str]:
+    """Images in three formats and orientations, a corrupt file, and hand-made labels (value 3)."""
+    studies, labels = os.path.join(root, "studies"), os.path.join(root, "labels")
+    os.makedirs(studies)
+    os.makedirs(labels)
+    brats = write_synthetic_dataset("brats", os.path.join(root, "brats"), n_cases=3, seed=0)
+    for i, case in enumerate(sorted(os.listdir(brats))):
+        shutil.copy(os.path.join(brats, case, f"{case}_t1ce.nii.gz"), os.path.join(studies, f"case{i}.nii.gz"))
+        seg = nib.load(os.path.join(brats, case, f"{case}_seg.nii.gz"))
+        core = np.isin(np.asarray(seg.dataobj), [1, 4])  # BraTS necrosis + enhancing = tumour core
+        nib.save(nib.Nifti1Image((3 * core).astype(np.uint8), seg.affine), os.path.join(labels, f"case{i}.nii.gz"))
+    # thick slices (0.8 x 0.8 x 5 mm) as NRRD
+    thick = write_synthetic_dataset("brats", os.path.join(root, "thick"), n_cases=1, seed=1, spacings=[[0.8, 0.8, 5.0]])
+    itk.imwrite(itk.imread(glob.glob(os.path.join(thick, "*", "*_t1ce.nii.gz"))[0]), os.path.join(studies, "thick.nrrd"))
+    # sagittal DICOM-like axis order and directions, as MHA
+    spine = write_synthetic_dataset("spider", os.path.join(root, "spine"), n_cases=1, seed=2)
+    shutil.copy(glob.glob(os.path.join(spine, "images", "*.mha"))[0], os.path.join(studies, "spine.mha"))
+    with open(os.path.join(studies, "corrupt.nii.gz"), "wb") as f:
+        f.write(b"this is not a NIfTI file")
+    return studies, labels
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("monailabel"))
+    studies, labels = _write_studies(root)
+    model_dir = os.path.join(root, "models")
+    port = _free_port()
+    # the README's command, plus where to keep checkpoints and the CPU-sized overrides
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", "monailabel_app", "--studies", studies,
+           "--conf", "models", "all", "--conf", "model_dir", model_dir,
+           "--conf", "bundle_overrides", json.dumps(OVERRIDES), "--host", "127.0.0.1", "--port", str(port)]
+    log_path = os.path.join(root, "server.log")
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start (rc {proc.poll()}):\n{open(log_path).read()[-4000:]}")
+        time.sleep(1)
+    client = MONAILabelClient(url, tmpdir=os.path.join(root, "results"))
+    os.makedirs(os.path.join(root, "results"))
+    yield {"client": client, "url": url, "studies": studies, "labels": labels, "model_dir": model_dir, "proc": proc, "log": log_path}
+    # stop the server and everything it started (training subprocesses) by the process group
+    family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else [proc.pid]
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    log.close()
+    time.sleep(0.5)
+    alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], f"processes left behind: {alive}"
+
+
+def _error(call, *args) -> tuple[int, str]:
+    """(HTTP status, message) of a request that must fail."""
+    with pytest.raises(MONAILabelClientException) as e:
+        call(*args)
+    msg = e.value.msg
+    status = int(msg.split("Status: ")[1].split(";")[0])
+    return status, msg
+
+
+def _geometry(path: str) -> tuple:
+    image = itk.imread(path)
+    return (tuple(itk.size(image)), np.array(image.GetSpacing()), np.array(image.GetOrigin()),
+            itk.array_from_matrix(image.GetDirection()))
+
+
+def _assert_same_geometry(result: str, image: str) -> np.ndarray:
+    (size_r, spacing_r, origin_r, direction_r), (size_i, spacing_i, origin_i, direction_i) = _geometry(result), _geometry(image)
+    assert size_r == size_i, (result, image)
+    np.testing.assert_allclose(spacing_r, spacing_i, atol=1e-4)
+    np.testing.assert_allclose(origin_r, origin_i, atol=1e-3)
+    np.testing.assert_allclose(direction_r, direction_i, atol=1e-5)
+    return itk.array_from_image(itk.imread(result))
+
+
+def _still_serving(server):
+    assert MODEL in server["client"].info()["models"]
+
+
+def test_info_lists_every_bundle_with_its_options(server):
+    info = server["client"].info()
+    assert set(info["models"]) == {"brats_mri_tumour_segmentation", "spider_mri_spine_segmentation", "mmwhs_mri_heart_segmentation"}
+    model = info["models"][MODEL]
+    assert model["labels"] == {"tumour_core": 1}
+    assert model["config"]["spacing_mode"][0] == "clamp" and set(model["config"]["spacing_mode"]) == {"clamp", "native", "target", "auto"}
+    assert set(model["config"]) >= {"target_spacing_mm", "memory_budget_gb", "time_budget_s"}
+    # only types Slicer's options panel can show
+    assert all(isinstance(v, (bool, int, float, str, list)) for v in model["config"].values())
+    assert model["trained"] is False and "Not trained yet" in model["description"]
+    assert set(info["trainers"][MODEL]["config"]) >= {"max_epochs", "learning_rate", "spacing_range_mm"}
+    assert set(info["strategies"]) == {"random", "first"}
+    assert info["datastore"]["total"] == 6
+
+
+def test_infer_without_weights_says_how_to_get_them(server):
+    status, msg = _error(server["client"].infer, MODEL, "case0", SLICER)
+    assert status == 409 and "no trained weights yet" in msg and f"/train/{MODEL}" in msg
+
+
+@pytest.mark.parametrize(
+    "model, image, params, status, words",
+    [
+        ("no_such_model", "case0", {}, 404, "no model 'no_such_model'"),
+        (MODEL, "no_such_image", {}, 404, "image 'no_such_image' is not in the datastore"),
+        (MODEL, "case0", {"spacing_mode": "fastest"}, 400, "spacing_mode 'fastest' is not one of"),
+        (MODEL, "case0", {"spacing_mode": "target", "target_spacing_mm": ""}, 400, "has 0 values"),
+        (MODEL, "case0", {"spacing_mode": "target", "target_spacing_mm": "0"}, 400, "must be positive finite"),
+        (MODEL, "case0", {"spacing_mode": "target", "target_spacing_mm": "-1.5"}, 400, "must be positive finite"),
+        (MODEL, "case0", {"spacing_mode": "target", "target_spacing_mm": "nan"}, 400, "must be positive finite"),
+        (MODEL, "case0", {"spacing_mode": "target", "target_spacing_mm": "a,b,c"}, 400, "'a,b,c' is not numeric"),
+        (MODEL, "case0", {"spacing_mode": "auto", "time_budget_s": "soon"}, 400, "time_budget_s 'soon' is not a number"),
+        (MODEL, "corrupt", {}, 422, "corrupt.nii.gz' could not be read"),
+    ],
+)
+def test_bad_infer_requests_get_a_clear_error_and_the_server_goes_on(server, model, image, params, status, words):
+    got, msg = _error(server["client"].infer, model, image, {**params, **SLICER})
+    assert got == status and words in msg, msg
+    _still_serving(server)
+
+
+def test_training_without_labels_is_refused(server):
+    status, msg = _error(server["client"].train_start, MODEL, {"max_epochs": 1})
+    assert status == 409 and "no labelled images" in msg
+    status, msg = _error(server["client"].train_start, "no_such_model", {})
+    assert status == 404 and "no model 'no_such_model'" in msg
+    _still_serving(server)
+
+
+def test_activelearning_returns_unlabelled_images(server):
+    client = server["client"]
+    assert client.next_sample("first", {})["id"] == "case0"  # first by sorted id
+    unlabelled = {"case0", "case1", "case2", "thick", "spine", "corrupt"}
+    assert client.next_sample("random", {})["id"] in unlabelled
+    status, msg = _error(client.next_sample, "smartest", {})
+    assert status == 404 and "no strategy 'smartest'" in msg
+
+
+def _train(client, params, timeout=300) -> dict:
+    client.train_start(MODEL, params)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.train_status()
+        if status["status"] not in ("SUBMITTED", "RUNNING"):
+            return status
+        time.sleep(1)
+    raise AssertionError(f"training did not finish in {timeout} s: {status}")
+
+
+def _sha(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_annotate_train_and_segment(server):
+    """Save labels from 'Slicer', train from scratch, segment in every spacing mode, retrain, segment again."""
+    client, studies = server["client"], server["studies"]
+    for i in range(3):
+        saved = client.save_label(f"case{i}", os.path.join(server["labels"], f"case{i}.nii.gz"), params={"label_info": TUMOUR})
+        assert saved["label"] == f"case{i}"
+    assert client.next_sample("first", {})["id"] == "corrupt"  # the labelled ones are no longer offered
+    status, msg = _error(client.train_start, MODEL, {"max_epochs": "many"})
+    assert status == 400 and "max_epochs 'many'" in msg
+
+    done = _train(client, {"max_epochs": 3, "val_interval": 1, "train_batch_size": 2, "learning_rate": 0.003})
+    assert done["status"] == "DONE", "\n".join(done.get("details", []))
+    checkpoint = os.path.join(server["model_dir"], f"{MODEL}.pt")
+    assert os.path.isfile(checkpoint)
+    info = client.info()
+    assert info["models"][MODEL]["trained"] is True
+    assert info["train_stats"][MODEL]["epoch"] == 3 and 0.0 <= info["train_stats"][MODEL]["best_metric"] <= 1.0
+
+    cases = [("case0", "case0.nii.gz", (1.0, 1.0, 1.0)), ("thick", "thick.nrrd", (0.8, 0.8, 5.0)), ("spine", "spine.mha", None)]
+    modes = [
+        ({"spacing_mode": "native"}, lambda native: native),
+        ({"spacing_mode": "clamp"}, lambda native: tuple(min(max(s, 1.0), 3.0) for s in native)),  # BraTS trained on 1-3 mm
+        ({"spacing_mode": "target", "target_spacing_mm": "2,2,2.5"}, lambda native: (2.0, 2.0, 2.5)),
+        ({"spacing_mode": "auto", "time_budget_s": 60}, None),
+    ]
+    for image_id, name, native in cases:
+        for params, expected in modes:
+            result, out = client.infer(MODEL, image_id, {**params, **SLICER})
+            assert result.endswith(".nrrd"), result
+            label = _assert_same_geometry(result, os.path.join(studies, name))
+            assert label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1}
+            assert out["spacing_mode"] == params["spacing_mode"]
+            assert out["seconds"] > 0 and out["peak_memory_gb"] > 0 and out["memory_kind"] == "cpu_rss"
+            if native is not None:
+                np.testing.assert_allclose(out["native_spacing_mm"], native, atol=1e-4)
+            if expected is not None and native is not None:
+                np.testing.assert_allclose(out["working_spacing_mm"], expected(native), atol=1e-4)
+            if params["spacing_mode"] == "auto":
+                assert out["auto"]["fits"] is True and out["auto"]["predicted_seconds"] <= 60
+                assert out["working_spacing_mm"] == out["auto"]["spacing"]
+    # auto with a budget nothing meets: the coarsest candidate, and it says so
+    _, out = client.infer(MODEL, "case0", {"spacing_mode": "auto", "time_budget_s": 1e-6, **SLICER})
+    assert out["auto"]["fits"] is False and min(out["working_spacing_mm"]) >= 2.9
+
+    # the user corrects the thick-slice result in Slicer and saves it; retraining fine-tunes
+    result, _ = client.infer(MODEL, "thick", {"spacing_mode": "clamp", **SLICER})
+    corrected = itk.imread(result)
+    array = itk.array_view_from_image(corrected)
+    array[array.shape[0] // 2, 20:40, 20:40] = 1
+    edited = os.path.join(os.path.dirname(result), "thick_edited.nrrd")
+    itk.imwrite(corrected, edited)
+    client.save_label("thick", edited, params={"label_info": [{"name": "tumour_core", "idx": 1}]})
+    before, mtime = _sha(checkpoint), os.path.getmtime(checkpoint)
+    loads = open(server["log"]).read().count("Loaded checkpoint")
+    done = _train(client, {"max_epochs": 1, "val_interval": 1, "train_batch_size": 2, "pretrained": True})
+    assert done["status"] == "DONE", "\n".join(done.get("details", []))
+    assert _sha(checkpoint) != before and os.path.getmtime(checkpoint) > mtime
+    assert f"Fine-tuning from {checkpoint}" in open(server["log"]).read()
+    # the next request loads the new checkpoint
+    result, _ = client.infer(MODEL, "thick", {"spacing_mode": "native", **SLICER})
+    _assert_same_geometry(result, os.path.join(studies, "thick.nrrd"))
+    assert open(server["log"]).read().count("Loaded checkpoint") == loads + 1
+
+
+def test_training_with_a_label_of_unknown_segments_fails_with_its_name(server):
+    client = server["client"]
+    label = os.path.join(server["labels"], "case2.nii.gz")
+    client.save_label("case2", label, params={"label_info": [{"name": "liver", "idx": 3}]})
+    done = _train(client, {"max_epochs": 1})
+    assert done["status"] == "ERROR"
+    assert any("segments ['liver'] are not structures of" in line for line in done["details"]), done["details"]
+    _still_serving(server)
