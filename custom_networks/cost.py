@@ -60,17 +60,18 @@ def candidate_spacings(native: Sequence[float], trained_range: SpacingRange | No
     """
     native = tuple(float(s) for s in native)
     top = max(native) if trained_range is None else max(max(native), max(trained_range.high))
-    levels, r = [], min(native)
+    # the first level is the finest native axis itself; later ones are rounded to 0.1 um so that
+    # reported spacings read well
+    levels, r = [min(native)], min(native) * factor
     while r < top * factor:
-        levels.append(min(r, top))
+        levels.append(min(round(r, 4), top))
         r *= factor
     out: list[tuple[float, ...]] = []
     for r in levels:
         spacing = tuple(max(s, r) for s in native)
         if trained_range is not None:
             spacing = trained_range.clamp(spacing)
-        spacing = tuple(round(s, 4) for s in spacing)
-        if not out or spacing != out[-1]:
+        if not out or not np.allclose(spacing, out[-1], rtol=0, atol=1e-4):
             out.append(spacing)
     return out
 
@@ -187,8 +188,15 @@ class BudgetSpacing:
     def __post_init__(self) -> None:
         for name in ("time_budget_s", "memory_budget_gb"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            if value is None:
+                continue
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                number = math.nan
+            if isinstance(value, bool) or not math.isfinite(number):
                 raise ValueError(f"{name} must be a finite number (<= 0 for no limit); got {value!r}.")
+            setattr(self, name, number)
         if self.trained_range is not None:
             self.trained_range = SpacingRange.from_config(self.trained_range)
 

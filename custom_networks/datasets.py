@@ -241,7 +241,7 @@ class MapLabelsd(MapTransform):
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         item_map = d.pop(self.map_key, None) if self.map_key else None
-        label_map = self._checked(item_map) if item_map else self.label_map
+        label_map = self._checked(item_map) if item_map is not None else self.label_map
         offset = min(label_map)
         lut = torch.zeros(max(label_map) - offset + 1, dtype=torch.int64)
         for k, v in label_map.items():

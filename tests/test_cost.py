@@ -52,6 +52,7 @@ def monai_windows(shape, roi, overlap):
     "shape, roi",
     [
         ((10, 10, 10), (16, 16, 16)),  # smaller than the window: padded to one window
+        ((3, 20, 5), (16, 16, 16)),  # much smaller on two axes
         ((16, 16, 16), (16, 16, 16)),  # equal
         ((17, 16, 15), (16, 16, 16)),  # one voxel larger / equal / smaller
         ((40, 33, 17), (16, 16, 16)),  # larger, odd sizes
@@ -432,3 +433,21 @@ def test_map_labels_item_map_is_checked_and_names_file():
         t({"label": labelled([0, 1, 3], filename="/data/slicer_seg.nrrd"), "label_map": {0: 0, 3: 1}})
     assert "/data/slicer_seg.nrrd" in str(e.value)
     assert "values 1 " in str(e.value)
+
+
+def test_first_candidate_keeps_the_native_spacing_exactly():
+    """A 512^2 CT at 0.9765625 mm is not moved to 0.9766 mm by the finest candidate."""
+    assert candidate_spacings((0.9765625, 0.9765625, 2.5))[0] == (0.9765625, 0.9765625, 2.5)
+
+
+def test_budget_accepts_numpy_numbers_and_refuses_booleans():
+    cost = InferenceCost((16, 16, 16), 0.5, 1, 2, 0.1, 1e-8, 1e6)
+    assert BudgetSpacing(cost, time_budget_s=np.float32(5.0)).time_budget_s == 5.0
+    with pytest.raises(ValueError, match="time_budget_s"):
+        BudgetSpacing(cost, time_budget_s=True)
+
+
+def test_map_labels_empty_item_map_is_an_error():
+    label = MetaTensor(torch.zeros(1, 4, 4, 4), meta={"filename_or_obj": "empty_map.nii.gz"})
+    with pytest.raises(ValueError, match="label_map is empty"):
+        MapLabelsd("label", {0: 0, 1: 1})({"label": label, "label_map": {}})

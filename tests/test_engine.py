@@ -233,3 +233,29 @@ def test_spacing_range():
     for bad in ([[2, 1], [1, 1], [1, 1]], [[0, 1]] * 3, [[1, math.inf]] * 3, [[1, 2, 3]]):
         with pytest.raises(ValueError):
             SpacingRange.from_config(bad)
+
+
+class _ShapeRecorder(torch.nn.Module):
+    """A stand-in network with a UNet layout's divisor that records the window shapes it sees."""
+
+    def __init__(self, divisor):
+        super().__init__()
+        self.layout = type("Layout", (), {"divisor": divisor})()
+        self.shapes = []
+
+    def forward(self, x, spacing):
+        self.shapes.append(tuple(x.shape[2:]))
+        return x.repeat(1, 2, 1, 1, 1)
+
+
+def test_windows_shrink_to_small_images_rounded_to_the_network_divisor():
+    """At a coarse working spacing the window is the image (rounded up to the divisor), not a padded 64^3."""
+    net = _ShapeRecorder(divisor=8)
+    inferer = SpacingSlidingWindowInferer(roi_size=(64, 64, 64), sw_batch_size=1, overlap=0.5)
+    x = torch.rand(1, 1, 40, 70, 21)
+    out = inferer(x, net, spacing=torch.tensor([[3.0, 3.0, 3.0]]))
+    assert out.shape == (1, 2, 40, 70, 21)
+    assert set(net.shapes) == {(40, 64, 24)}  # 40 stays, 70 > 64 slides, 21 -> 24
+    assert len(net.shapes) == 2
+    torch.testing.assert_close(out[:, :1], x)  # padding and stitching are exact for an identity network
+    assert inferer.roi_size == (64, 64, 64)  # the configured window is unchanged for the next image
