@@ -94,6 +94,7 @@ def main(
     repeats: int = 2,
     size=(240, 240, 155),
     spacing: float = 1.0,
+    window: str = "auto",
     overrides: str = "{}",
     workdir: str | None = None,
 ):
@@ -103,6 +104,7 @@ def main(
         modes: comma-separated modes (see the module docstring).
         repeats: requests per mode; the first is reported apart from the fastest of the others.
         size: image grid (voxels); ``spacing``: its isotropic spacing (mm).
+        window: the app's ``window`` option for every request: ``auto``, ``patch`` or ``whole``.
         overrides: JSON config overrides for the bundle (e.g. a smaller network for a quick check).
         workdir: where to put the studies folder, checkpoint and server log (default: a temporary folder).
     """
@@ -124,12 +126,12 @@ def main(
             times, out = [], {}
             for _ in range(max(1, int(repeats))):
                 start = time.perf_counter()
-                result, out = client.infer(BUNDLE, "head", {**requests_params[mode], **SLICER})
+                result, out = client.infer(BUNDLE, "head", {**requests_params[mode], "window": window, **SLICER})
                 times.append(time.perf_counter() - start)
                 os.remove(result)
             rest = min(times[1:]) if len(times) > 1 else float("nan")
             working = "x".join(f"{s:g}" for s in out["working_spacing_mm"])
-            rows.append(f"| {mode} | {working} | {'x'.join(map(str, out['working_shape']))} | {times[0]:.2f} s | {rest:.2f} s "
+            rows.append(f"| {mode} | {working} | {'x'.join(map(str, out['working_shape']))} | {out['window']} | {times[0]:.2f} s | {rest:.2f} s "
                         f"| {out['seconds']:.2f} s | {out['peak_memory_gb']:.2f} GB ({out['memory_kind']}) |")
             print(rows[-1], flush=True)
     finally:
@@ -138,8 +140,8 @@ def main(
     cpu = platform.processor() or platform.machine()
     print(f"\nimage {'x'.join(map(str, size))} at {spacing:g} mm; {os.cpu_count()} CPU cores ({cpu}); torch {torch.__version__}; "
           f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
-    print("| mode | working spacing (mm) | working grid | first request | fastest repeat | server-side | server peak memory |")
-    print("|---|---|---|---|---|---|---|")
+    print("| mode | working spacing (mm) | working grid | window | first request | fastest repeat | server-side | server peak memory |")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from monai.transforms import GaussianSmooth, Spacing
 
+from .profiling import measure
 from .spacing import SpacingRange, parse_spacing
 
-__all__ = ["BudgetSpacing", "InferenceCost", "candidate_spacings", "window_count", "working_shape"]
+__all__ = ["WINDOWS", "BudgetSpacing", "InferenceCost", "candidate_spacings", "window_count", "working_shape"]
 
 
 def working_shape(native_spacing: Sequence[float], native_shape: Sequence[int], working: Sequence[float]) -> tuple[int, ...]:
@@ -76,24 +77,32 @@ def candidate_spacings(native: Sequence[float], trained_range: SpacingRange | No
     return out
 
 
+WINDOWS = ("patch", "whole", "auto")
+
+
 @dataclass(frozen=True)
 class InferenceCost:
     """Predicted time and peak memory of sliding-window inference, from calibrated constants.
 
-    ``seconds = windows * seconds_per_window + native_voxels * seconds_per_voxel`` (the second term:
-    anti-aliasing, resampling to the working grid and inverting the class probabilities back to
-    the native grid). ``memory_bytes = window_bytes + 4 * working_voxels * (in_channels +
-    out_channels + 1)`` (one window's forward, plus the float32 input, the output aggregate and the
-    count map that ``sliding_window_inference`` keeps for the whole working grid).
+    Two ways to cover the working grid: ``"patch"`` slides windows of ``roi_size`` (shrunk on axes
+    where the image is smaller, as :class:`~custom_networks.engine.SpacingSlidingWindowInferer`
+    does), ``"whole"`` runs one window over the whole grid (padded to ``divisor``). A window of
+    ``v`` voxels is predicted to take ``seconds_per_window * v / prod(roi_size)`` and to add
+    ``window_bytes * v / prod(roi_size)`` of memory. On top of the windows: ``native_voxels *
+    seconds_per_voxel`` for anti-aliasing, resampling and inverting the probabilities back to the
+    native grid, and ``4 * working_voxels * (in_channels + out_channels + 1)`` bytes for the float32
+    input, output aggregate and count map kept for the whole working grid.
 
     Args:
         roi_size: sliding window size (voxels).
         overlap: sliding window overlap (0..1).
         in_channels, out_channels: the network's.
-        seconds_per_window: one window's forward with cached weights.
+        seconds_per_window: one ``roi_size`` window's forward with cached weights.
         seconds_per_voxel: pre/post-processing time per native voxel.
-        window_bytes: peak memory one window's forward adds (device memory on CUDA).
+        window_bytes: peak memory one ``roi_size`` window's forward adds (CUDA allocator on a GPU,
+            resident set size on the CPU).
         device: where the constants were measured, e.g. ``"cpu"`` or ``"cuda:0"``.
+        divisor: the network's size divisor (``UNetLayout.divisor``).
     """
 
     roi_size: tuple[int, ...]
@@ -104,15 +113,36 @@ class InferenceCost:
     seconds_per_voxel: float
     window_bytes: float
     device: str = "cpu"
+    divisor: int = 1
 
-    def predict(self, native_spacing: Sequence[float], native_shape: Sequence[int], working: Sequence[float]) -> dict:
-        """Predicted ``seconds``, ``memory_bytes``, ``windows`` and working ``shape`` for one image."""
+    def _padded(self, shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(-(-int(s) // self.divisor) * self.divisor for s in shape)
+
+    def window_shape(self, shape: Sequence[int], window: str = "patch") -> tuple[int, ...]:
+        """The window that covers a working grid of ``shape`` in mode ``"patch"`` or ``"whole"``."""
+        padded = self._padded(shape)
+        return padded if window == "whole" else tuple(min(r, p) for r, p in zip(self.roi_size, padded))
+
+    def predict(self, native_spacing: Sequence[float], native_shape: Sequence[int], working: Sequence[float], window: str = "patch") -> dict:
+        """Predicted ``seconds``, ``memory_bytes``, ``windows``, working ``shape`` and ``window`` for one image."""
+        if window not in ("patch", "whole"):
+            raise ValueError(f"window {window!r} must be 'patch' or 'whole'.")
         shape = working_shape(native_spacing, native_shape, working)
-        windows = window_count(shape, self.roi_size, self.overlap)
-        voxels = float(np.prod(shape))
-        seconds = windows * self.seconds_per_window + float(np.prod(native_shape)) * self.seconds_per_voxel
-        memory = self.window_bytes + 4.0 * voxels * (self.in_channels + self.out_channels + 1)
-        return {"seconds": seconds, "memory_bytes": memory, "windows": windows, "shape": shape}
+        win = self.window_shape(shape, window)
+        windows = 1 if window == "whole" else window_count(shape, self.roi_size, self.overlap)
+        scale = float(np.prod(win)) / float(np.prod(self.roi_size))
+        seconds = windows * self.seconds_per_window * scale + float(np.prod(native_shape)) * self.seconds_per_voxel
+        memory = self.window_bytes * scale + 4.0 * float(np.prod(shape)) * (self.in_channels + self.out_channels + 1)
+        return {"seconds": seconds, "memory_bytes": memory, "windows": windows, "shape": shape, "window": window}
+
+    def choose_window(self, shape: Sequence[int], memory_budget_bytes: float | None) -> str:
+        """``"whole"`` when one window over the whole grid fits the budget (fewer voxels computed
+        than with overlapping patches), else ``"patch"``; ``None`` or ``<= 0``: no limit."""
+        padded = self._padded(shape)
+        if padded == self.window_shape(shape):
+            return "patch"  # one patch already covers the image: the same computation
+        whole_bytes = self.window_bytes * float(np.prod(padded)) / float(np.prod(self.roi_size))
+        return "whole" if not memory_budget_bytes or memory_budget_bytes <= 0 or whole_bytes <= memory_budget_bytes else "patch"
 
     @classmethod
     def calibrate(
@@ -124,35 +154,25 @@ class InferenceCost:
         out_channels: int,
         spacing: Sequence[float] = (1.0, 1.0, 1.0),
         device: str | torch.device = "cpu",
-        repeats: int = 2,
+        divisor: int | None = None,
     ) -> "InferenceCost":
-        """Measure the constants on this machine: a few window forwards and one resampling.
+        """Measure the constants on this machine: one window forward and one resampling.
 
-        ``network(x, spacing)`` is called on zeros of ``roi_size``; the first call also generates
-        and caches the weights, so the fastest of ``repeats`` calls after it is kept.
+        ``network(x, spacing)`` runs on zeros of half the window size per axis (rounded up to the
+        divisor): once to generate and cache the weights, once timed; time and memory are scaled
+        to ``roi_size`` by the voxel count. The divisor is read from ``network.layout`` when not given.
         """
         device = torch.device(device)
         roi_size = tuple(int(r) for r in roi_size)
-        x = torch.zeros((1, in_channels, *roi_size), device=device)
+        divisor = int(divisor or getattr(getattr(network, "layout", None), "divisor", 1) or 1)
+        probe = tuple(max(divisor, -(-(r // 2) // divisor) * divisor) for r in roi_size)
+        x = torch.zeros((1, in_channels, *probe), device=device)
         s = torch.tensor([list(spacing)], dtype=torch.float32, device=device)
-        times = []
         with torch.no_grad():
             network(x, s)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                base = torch.cuda.memory_allocated(device)
-            for _ in range(max(1, repeats)):
-                start = time.perf_counter()
+            with measure(device) as m:
                 network(x, s)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - start)
-        if device.type == "cuda":
-            window_bytes = float(torch.cuda.max_memory_allocated(device) - base)
-        else:
-            # no allocator statistics on the CPU: the input, the output and a few feature maps
-            window_bytes = 4.0 * float(np.prod(roi_size)) * (in_channels + 8 * out_channels)
+        scale = float(np.prod(roi_size)) / float(np.prod(probe))
         # pre/post-processing: anti-aliasing and resampling of one image channel plus the class
         # probabilities, timed on a small volume and scaled per voxel
         size = 48
@@ -160,7 +180,10 @@ class InferenceCost:
         start = time.perf_counter()
         Spacing(pixdim=(1.5, 1.5, 1.5), mode="bilinear")(GaussianSmooth(sigma=0.5)(vol))
         seconds_per_voxel = (time.perf_counter() - start) / size**3
-        return cls(roi_size, float(overlap), int(in_channels), int(out_channels), min(times), seconds_per_voxel, window_bytes, str(device))
+        return cls(
+            roi_size, float(overlap), int(in_channels), int(out_channels), m.seconds * scale, seconds_per_voxel,
+            float(max(m.added_bytes, 1)) * scale, str(device), divisor,
+        )
 
 
 @dataclass
@@ -177,12 +200,15 @@ class BudgetSpacing:
         trained_range: candidates are clamped to it (``None``: not clamped).
         time_budget_s: largest predicted time (s); ``None`` or ``<= 0``: no limit.
         memory_budget_gb: largest predicted peak memory (GB = 1e9 bytes); ``None`` or ``<= 0``: no limit.
+        window: how the working grid is covered: ``"patch"``, ``"whole"``, or ``"auto"`` (per
+            candidate, :meth:`InferenceCost.choose_window` under the memory budget).
     """
 
     cost: InferenceCost
     trained_range: SpacingRange | None = None
     time_budget_s: float | None = None
     memory_budget_gb: float | None = None
+    window: str = "patch"
     decision: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -199,6 +225,15 @@ class BudgetSpacing:
             setattr(self, name, number)
         if self.trained_range is not None:
             self.trained_range = SpacingRange.from_config(self.trained_range)
+        if self.window not in WINDOWS:
+            raise ValueError(f"window {self.window!r} must be one of {WINDOWS}.")
+
+    def window_for(self, shape: Sequence[int]) -> str:
+        """The window mode for a working grid of ``shape``."""
+        if self.window != "auto":
+            return self.window
+        budget = self.memory_budget_gb * 1e9 if self.memory_budget_gb and self.memory_budget_gb > 0 else None
+        return self.cost.choose_window(shape, budget)
 
     def fits(self, predicted: dict) -> bool:
         if self.time_budget_s and self.time_budget_s > 0 and predicted["seconds"] > self.time_budget_s:
@@ -211,7 +246,8 @@ class BudgetSpacing:
         native = parse_spacing(list(native_spacing), len(native_shape), what="image spacing")
         candidates = candidate_spacings(native, self.trained_range)
         for spacing in candidates:
-            predicted = self.cost.predict(native, native_shape, spacing)
+            window = self.window_for(working_shape(native, native_shape, spacing))
+            predicted = self.cost.predict(native, native_shape, spacing, window)
             if self.fits(predicted):
                 break
         self.decision = {
@@ -219,6 +255,7 @@ class BudgetSpacing:
             "predicted_seconds": round(predicted["seconds"], 3),
             "predicted_memory_gb": round(predicted["memory_bytes"] / 1e9, 4),
             "fits": self.fits(predicted),
+            "window": predicted["window"],
             "candidates": len(candidates),
         }
         return spacing

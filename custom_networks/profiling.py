@@ -24,11 +24,18 @@ class Measurement:
             resident set size (RSS) of this process seen during the block, sampled every
             ``interval`` seconds.
         kind: ``"cuda_allocated"`` or ``"cpu_rss"``, so that a reader knows which one it is.
+        start_bytes: the same quantity when the block started; ``added_bytes`` is the growth.
     """
 
     seconds: float = 0.0
     peak_bytes: int = 0
     kind: str = "cpu_rss"
+    start_bytes: int = 0
+
+    @property
+    def added_bytes(self) -> int:
+        """How far the peak rose above the level at the start of the block."""
+        return max(0, self.peak_bytes - self.start_bytes)
 
     def as_dict(self) -> dict:
         return {"seconds": round(self.seconds, 3), "peak_memory_gb": round(self.peak_bytes / 1e9, 4), "memory_kind": self.kind}
@@ -48,9 +55,10 @@ def measure(device: str | torch.device = "cpu", interval: float = 0.01) -> Itera
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        m.start_bytes = int(torch.cuda.memory_allocated(device))
     else:
         process = psutil.Process()
-        m.peak_bytes = process.memory_info().rss
+        m.peak_bytes = m.start_bytes = process.memory_info().rss
 
         def sample() -> None:
             while not stop.wait(interval):

@@ -186,6 +186,7 @@ def test_budget_generous_picks_finest():
         "predicted_seconds": 3.43,
         "predicted_memory_gb": 0.0052,
         "fits": True,
+        "window": "patch",
         "candidates": 10,
     }
 
@@ -270,7 +271,7 @@ def test_calibrate_tiny_network_on_cpu():
     assert (cost.in_channels, cost.out_channels) == (1, 2)
     for value in (cost.seconds_per_window, cost.seconds_per_voxel, cost.window_bytes):
         assert math.isfinite(value) and value > 0
-    assert cost.window_bytes == 4.0 * 16**3 * (1 + 8 * 2)  # the CPU estimate: 278528 bytes
+    assert cost.divisor == 2  # read from the network's layout
     assert cost.seconds_per_window < 10.0 and cost.seconds_per_voxel < 1e-3
     # the calibrated model is usable as is
     p = cost.predict((1.0, 1.0, 1.0), (32, 32, 32), (1.0, 1.0, 1.0))
@@ -321,13 +322,13 @@ def test_policy_callable_gets_native_geometry_and_is_followed():
 
 
 def test_policy_budget_spacing_round_trip():
-    """BudgetSpacing inside SpacingPolicyd: 0.1 s allows 1.058 mm in-plane (9 windows), and Invertd undoes it."""
+    """BudgetSpacing inside SpacingPolicyd: 0.05 s allows 1.058 mm in-plane (9 windows of 16 x 16 x 8), and Invertd undoes it."""
     image, affine = anisotropic_image()
-    budget = BudgetSpacing(cost_model(), None, time_budget_s=0.1)
+    budget = BudgetSpacing(cost_model(), None, time_budget_s=0.05)
     pre = Compose([SpacingPolicyd("image", policy=budget)])
     d = pre({"image": image})
     assert budget.decision["spacing"] == [1.058, 1.058, 5.0]
-    assert budget.decision["fits"] is True and budget.decision["predicted_seconds"] == 0.09
+    assert budget.decision["fits"] is True and budget.decision["predicted_seconds"] == 0.045
     torch.testing.assert_close(d["spacing"], torch.tensor([1.058, 1.058, 5.0]))
     torch.testing.assert_close(d["image"].pixdim.float(), torch.tensor([1.058, 1.058, 5.0]))
     # 40 x 0.8 / 1.058 = 30.2, 36 x 0.8 / 1.058 = 27.2, 8 x 5 / 5 = 8
@@ -451,3 +452,30 @@ def test_map_labels_empty_item_map_is_an_error():
     label = MetaTensor(torch.zeros(1, 4, 4, 4), meta={"filename_or_obj": "empty_map.nii.gz"})
     with pytest.raises(ValueError, match="label_map is empty"):
         MapLabelsd("label", {0: 0, 1: 1})({"label": label, "label_map": {}})
+
+
+def test_whole_window_covers_the_grid_once_and_scales_with_its_voxels():
+    """'whole' is one window of the padded grid; 'auto' picks it when its memory fits the budget."""
+    cost = InferenceCost((16, 16, 16), 0.5, 1, 2, 0.01, 0.0, 1e6, divisor=4)
+    whole = cost.predict((1.0,) * 3, (30, 30, 30), (1.0,) * 3, window="whole")
+    patch = cost.predict((1.0,) * 3, (30, 30, 30), (1.0,) * 3, window="patch")
+    assert whole["windows"] == 1 and patch["windows"] == 27
+    ratio = 32**3 / 16**3  # 30 padded to 32 per axis
+    assert whole["seconds"] == pytest.approx(0.01 * ratio)
+    assert patch["seconds"] == pytest.approx(0.27)
+    assert whole["memory_bytes"] - patch["memory_bytes"] == pytest.approx(1e6 * (ratio - 1))
+    assert cost.choose_window((30, 30, 30), memory_budget_bytes=None) == "whole"
+    assert cost.choose_window((30, 30, 30), memory_budget_bytes=1e6 * ratio) == "whole"
+    assert cost.choose_window((30, 30, 30), memory_budget_bytes=1e6 * ratio - 1) == "patch"
+    assert cost.choose_window((10, 12, 16), memory_budget_bytes=None) == "patch"  # one patch covers it
+    with pytest.raises(ValueError, match="window"):
+        cost.predict((1.0,) * 3, (30, 30, 30), (1.0,) * 3, window="tiles")
+
+
+def test_budget_with_auto_window_reports_the_window_it_planned_with():
+    cost = InferenceCost((16, 16, 16), 0.5, 1, 2, 0.01, 0.0, 1e6, divisor=4)
+    policy = BudgetSpacing(cost, None, time_budget_s=100, memory_budget_gb=100, window="auto")
+    policy((1.0,) * 3, (30, 30, 30))
+    assert policy.decision["window"] == "whole" and policy.decision["spacing"] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="window"):
+        BudgetSpacing(cost, window="tiles")

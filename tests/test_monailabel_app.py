@@ -141,6 +141,7 @@ def test_info_lists_every_bundle_with_its_options(server):
     assert model["labels"] == {"tumour_core": 1}
     assert model["config"]["spacing_mode"][0] == "clamp" and set(model["config"]["spacing_mode"]) == {"clamp", "native", "target", "auto"}
     assert set(model["config"]) >= {"target_spacing_mm", "memory_budget_gb", "time_budget_s"}
+    assert model["config"]["window"] == ["auto", "patch", "whole"]
     # only types Slicer's options panel can show
     assert all(isinstance(v, (bool, int, float, str, list)) for v in model["config"].values())
     assert model["trained"] is False and "Not trained yet" in model["description"]
@@ -166,6 +167,7 @@ def test_infer_without_weights_says_how_to_get_them(server):
         (MODEL, "case0", {"spacing_mode": "target", "target_spacing_mm": "nan"}, 400, "must be positive finite"),
         (MODEL, "case0", {"spacing_mode": "target", "target_spacing_mm": "a,b,c"}, 400, "'a,b,c' is not numeric"),
         (MODEL, "case0", {"spacing_mode": "auto", "time_budget_s": "soon"}, 400, "time_budget_s 'soon' is not a number"),
+        (MODEL, "case0", {"window": "tiles"}, 400, "window 'tiles' is not one of"),
         (MODEL, "corrupt", {}, 422, "corrupt.nii.gz' could not be read"),
     ],
 )
@@ -228,8 +230,8 @@ def test_annotate_train_and_segment(server):
 
     cases = [("case0", "case0.nii.gz", (1.0, 1.0, 1.0)), ("thick", "thick.nrrd", (0.8, 0.8, 5.0)), ("spine", "spine.mha", None)]
     modes = [
-        ({"spacing_mode": "native"}, lambda native: native),
-        ({"spacing_mode": "clamp"}, lambda native: tuple(min(max(s, 1.0), 3.0) for s in native)),  # BraTS trained on 1-3 mm
+        ({"spacing_mode": "native", "window": "patch"}, lambda native: native),
+        ({"spacing_mode": "clamp", "window": "whole"}, lambda native: tuple(min(max(s, 1.0), 3.0) for s in native)),  # BraTS: 1-3 mm
         ({"spacing_mode": "target", "target_spacing_mm": "2,2,2.5"}, lambda native: (2.0, 2.0, 2.5)),
         ({"spacing_mode": "auto", "time_budget_s": 60}, None),
     ]
@@ -240,6 +242,7 @@ def test_annotate_train_and_segment(server):
             label = _assert_same_geometry(result, os.path.join(studies, name))
             assert label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1}
             assert out["spacing_mode"] == params["spacing_mode"]
+            assert out["window"] == params.get("window", out["window"]) and out["window"] in ("patch", "whole")
             assert out["seconds"] > 0 and out["peak_memory_gb"] > 0 and out["memory_kind"] == "cpu_rss"
             if native is not None:
                 np.testing.assert_allclose(out["native_spacing_mm"], native, atol=1e-4)

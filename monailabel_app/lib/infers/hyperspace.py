@@ -8,8 +8,11 @@ Options in Slicer's options panel (``config``):
   ``memory_budget_gb`` on a GPU and ``time_budget_s``; see :mod:`custom_networks.cost`).
 - ``target_spacing_mm``: ``"1.5"`` or ``"1.5,1.5,3"`` (mm, image axes after the bundle's
   orientation step, RAS for all bundles here).
-- ``memory_budget_gb``, ``time_budget_s``: the budgets of ``auto`` (``<= 0``: no limit). Peak GPU
-  memory is predicted on CUDA only; on the CPU ``auto`` plans by time.
+- ``window``: how the working grid is covered: ``patch`` (the bundle's sliding window),
+  ``whole`` (one window over the whole grid: no overlapping windows, more memory) or ``auto``
+  (default: ``whole`` when its predicted peak memory fits ``memory_budget_gb``).
+- ``memory_budget_gb``, ``time_budget_s``: the budgets of ``auto`` (``<= 0``: no limit). Memory
+  is GPU memory on CUDA and the process's RAM on the CPU.
 
 The label comes back on the input's own grid (shape, spacing, origin, direction): the bundle's
 preprocessing is inverted with MONAI's ``Invertd``. The result's JSON ``params`` say what happened:
@@ -41,9 +44,11 @@ if TYPE_CHECKING:
     from ..configs.hyperspace import HyperSpaceConfig
 
 SPACING_MODES = ("clamp", "native", "target", "auto")
+WINDOW_MODES = ("auto", "patch", "whole")
 logger = logging.getLogger(__name__)
 _PRE = "hyperspace_preprocessing"
 _BUDGET = "hyperspace_budget"
+_WINDOW = "hyperspace_window"
 
 
 def _root_message(error: BaseException) -> str:
@@ -96,6 +101,7 @@ class HyperSpaceSegmentation(BasicInferTask):
             config={
                 "spacing_mode": list(SPACING_MODES),
                 "target_spacing_mm": ",".join(f"{s:g}" for s in target),
+                "window": list(WINDOW_MODES),
                 "memory_budget_gb": float(memory_budget_gb),
                 "time_budget_s": float(time_budget_s),
             },
@@ -134,9 +140,12 @@ class HyperSpaceSegmentation(BasicInferTask):
                 options["target"] = parse_spacing(_option(data, "target_spacing_mm", None), 3, what="target_spacing_mm")
             except ValueError as e:
                 raise HTTPException(400, str(e)) from None
-        if mode == "auto":
-            options["memory_budget_gb"] = _budget(data, "memory_budget_gb", self._config["memory_budget_gb"])
-            options["time_budget_s"] = _budget(data, "time_budget_s", self._config["time_budget_s"])
+        window = str(_option(data, "window", WINDOW_MODES[0])).strip().lower()
+        if window not in WINDOW_MODES:
+            raise HTTPException(400, f"window {data.get('window')!r} is not one of {', '.join(WINDOW_MODES)}.")
+        options["window"] = window
+        options["memory_budget_gb"] = _budget(data, "memory_budget_gb", self._config["memory_budget_gb"])
+        options["time_budget_s"] = _budget(data, "time_budget_s", self._config["time_budget_s"])
         return options
 
     # --- the pipeline ---------------------------------------------------------------------------
@@ -152,8 +161,8 @@ class HyperSpaceSegmentation(BasicInferTask):
                 self.cost(data["device"]),
                 self.trained_range,
                 time_budget_s=options["time_budget_s"],
-                # the memory model predicts GPU memory; on the CPU only the time budget applies
-                memory_budget_gb=options["memory_budget_gb"] if str(data["device"]).startswith("cuda") else None,
+                memory_budget_gb=options["memory_budget_gb"],
+                window=options["window"],
             )
             parser.get_parsed_content("resample").policy = budget
             data[_BUDGET] = budget
@@ -176,8 +185,19 @@ class HyperSpaceSegmentation(BasicInferTask):
         network = self._get_network(device, data)
         inputs = data[self.input_key][None].to(device)
         spacing = torch.as_tensor(data["spacing"], dtype=torch.float32)[None].to(device)
+        options = self.spacing_options(data)
+        shape = tuple(inputs.shape[2:])
+        window = options["window"]
+        if window == "auto":
+            budget = options["memory_budget_gb"] * 1e9 if options["memory_budget_gb"] > 0 else None
+            window = self.cost(device).choose_window(shape, budget)
+        inferer = self.inferer(data)
+        if window == "whole":
+            divisor = network.layout.divisor
+            inferer.roi_size = tuple(-(-s // divisor) * divisor for s in shape)
+        data[_WINDOW] = window
         with torch.no_grad(), torch.autocast("cuda", enabled=str(device).startswith("cuda")):
-            outputs = self.inferer(data)(inputs, network, spacing=spacing)
+            outputs = inferer(inputs, network, spacing=spacing)
         # probabilities go back to the CPU: the inversion to the native grid needs no GPU memory
         data[self.output_label_key] = outputs[0].float().cpu()
         return data
@@ -198,6 +218,7 @@ class HyperSpaceSegmentation(BasicInferTask):
         result["native_spacing_mm"] = [round(float(s), 4) for s in data["pred"].pixdim]
         result["working_spacing_mm"] = [round(float(s), 4) for s in data["spacing"]]
         result["working_shape"] = list(image.shape[1:])
+        result["window"] = data[_WINDOW]
         if data.get(_BUDGET) is not None:
             result["auto"] = data[_BUDGET].decision
         return label, result
