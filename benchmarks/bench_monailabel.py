@@ -131,8 +131,9 @@ def main(
                 os.remove(result)
             rest = min(times[1:]) if len(times) > 1 else float("nan")
             working = "x".join(f"{s:g}" for s in out["working_spacing_mm"])
+            predicted = f"{out['auto']['predicted_seconds']:.2f} s" if out.get("auto") else "-"
             rows.append(f"| {mode} | {working} | {'x'.join(map(str, out['working_shape']))} | {out['window']} | {times[0]:.2f} s | {rest:.2f} s "
-                        f"| {out['seconds']:.2f} s | {out['peak_memory_gb']:.2f} GB ({out['memory_kind']}) |")
+                        f"| {out['seconds']:.2f} s | {predicted} | {out['peak_memory_gb']:.2f} GB ({out['memory_kind']}) |")
             print(rows[-1], flush=True)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -140,8 +141,8 @@ def main(
     cpu = platform.processor() or platform.machine()
     print(f"\nimage {'x'.join(map(str, size))} at {spacing:g} mm; {os.cpu_count()} CPU cores ({cpu}); torch {torch.__version__}; "
           f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}")
-    print("| mode | working spacing (mm) | working grid | window | first request | fastest repeat | server-side | server peak memory |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| mode | working spacing (mm) | working grid | window | first request | fastest repeat | server-side | planned (auto) | server peak memory |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -13,62 +13,30 @@ is ``torch.cuda.max_memory_allocated`` on CUDA and the peak rise of the process 
 from __future__ import annotations
 
 import math
-import os
 import platform
-import threading
 import time
 
 import fire
 import torch
 
 from custom_networks import HyperUNet, PlainUNet
+from custom_networks.profiling import measure
 
 FIELD_MM = (240.0, 240.0, 155.0)
 
 
-class _PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 2 ms (CPU)."""
-
-    def __enter__(self):
-        self.base = self._rss()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _sample(self):
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-        self.bytes = self.peak - self.base
-
-
 def _measure(fn, device, repeats):
+    """Fastest of ``repeats`` calls, and the peak memory they added (CUDA allocator, or process RSS on CPU)."""
     fn()  # warm-up: allocator, kernels, cached weights
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
     times = []
-    with _PeakRSS() as rss:
+    with measure(device, interval=0.002) as m:
         for _ in range(repeats):
             start = time.perf_counter()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else rss.bytes
-    return min(times), peak
+    return min(times), m.added_bytes
 
 
 def main(device: str | None = None, spacings=(1.0, 1.5, 2.0, 3.0), repeats: int = 3, patch: int = 128, amp: bool | None = None):
