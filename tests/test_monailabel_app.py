@@ -34,6 +34,13 @@ MODEL = "brats_mri_tumour_segmentation"
 OVERRIDES = {"patch_size": [32, 32, 32], "network_def#channels": [8, 16], "num_workers": 0, "cache_rate": 0.0}
 SLICER = {"result_extension": ".nrrd", "result_dtype": "uint8"}  # what the Slicer plugin asks for
 TUMOUR = [{"name": "tumour_core", "idx": 3}]  # a Slicer segment order that differs from the model's
+README_COMMAND = ".venv/bin/python -m monailabel.main start_server --app monailabel_app --studies /path/to/images --conf models all"
+
+
+def test_the_readmes_give_the_command_these_tests_run():
+    for readme in ("README.md", "monailabel_app/README.md"):
+        with open(os.path.join(ROOT, readme)) as f:
+            assert README_COMMAND in f.read(), readme
 
 
 def _free_port() -> int:
@@ -71,9 +78,9 @@ def server(tmp_path_factory):
     model_dir = os.path.join(root, "models")
     port = _free_port()
     # the README's command, plus where to keep checkpoints and the CPU-sized overrides
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", "monailabel_app", "--studies", studies,
-           "--conf", "models", "all", "--conf", "model_dir", model_dir,
-           "--conf", "bundle_overrides", json.dumps(OVERRIDES), "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, *README_COMMAND.replace("/path/to/images", studies).split()[1:],
+           "--conf", "model_dir", model_dir, "--conf", "bundle_overrides", json.dumps(OVERRIDES),
+           "--host", "127.0.0.1", "--port", str(port)]
     log_path = os.path.join(root, "server.log")
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
