@@ -1,0 +1,319 @@
+"""The paper's spacing sweeps: Dice, time and peak memory per case, method and spacing.
+
+Each case (image and label at their native spacing) is first resampled to the sweep spacing ``s``
+(anti-aliased image, nearest label): this simulates an acquisition at ``s``. Each method then
+segments that image, and the Dice per structure is computed at ``s`` against the label resampled
+to ``s`` (MONAI's ``DiceMetric``). How the methods run (paper, section 4):
+
+============  ===================================================================================
+``hs``        HyperUNet at ``s``
+``hs_clamp``  HyperUNet at the trained range's nearest spacing to ``s``, prediction back to ``s``
+``as``        the plain UNet trained with the spacing augmentation, at ``s`` (spacing ignored)
+``fs``        resample to the fixed spacing, plain UNet, prediction back to ``s``
+``fsnr``      the FS weights run at ``s`` without resampling
+============  ===================================================================================
+
+The time and peak memory of a row cover the method's pipeline on the image at ``s``: z-scoring,
+its resampling, weight generation (HyperSpace weights are generated afresh for every row) and the
+sliding window; the simulated acquisition and the Dice are not included. Peak memory is the CUDA
+allocator's peak on a GPU and the process's RSS on the CPU (:mod:`custom_networks.profiling`).
+
+Spacing intervals are written as in the paper: ``"[0.5,3.5]^3"`` or ``"[1,5]x[0.2,1.5]^2"``
+(mm per axis, tensor axis order).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from monai.metrics import DiceMetric
+from monai.networks.utils import one_hot
+from monai.transforms import Compose, Invertd, NormalizeIntensityd
+
+from .engine import SpacingSlidingWindowInferer
+from .spacing import SpacingRange, parse_spacing
+from .transforms import SpacingPolicyd
+from .profiling import measure
+
+__all__ = ["METHODS", "Method", "SWEEP_COLUMNS", "evaluate_case", "parse_interval", "sample_spacings", "segment_spacings", "sweep_rows"]
+
+METHODS = ("hs", "hs_clamp", "as", "fs", "fsnr")
+SWEEP_COLUMNS = ("case", "method", "sweep", "spacing_0", "spacing_1", "spacing_2")
+
+
+def parse_interval(text: str) -> tuple[tuple[float, float], ...]:
+    """``"[1,5]x[0.2,1.5]^2"`` -> ``((1, 5), (0.2, 1.5), (0.2, 1.5))`` (mm per axis).
+
+    Raises:
+        ValueError: naming the text, when a factor is malformed, a bound is not positive and finite,
+            or low exceeds high.
+    """
+    axes: list[tuple[float, float]] = []
+    for factor in str(text).replace(" ", "").split("x"):
+        m = re.fullmatch(r"\[([^,\]]+),([^\]]+)\](?:\^(\d+))?", factor)
+        if not m:
+            raise ValueError(f"interval {text!r}: {factor!r} is not of the form [low,high] or [low,high]^n (mm).")
+        try:
+            lo, hi = float(m.group(1)), float(m.group(2))
+        except ValueError:
+            raise ValueError(f"interval {text!r}: {factor!r} has non-numeric bounds.") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi):
+            raise ValueError(f"interval {text!r}: bounds must be positive, finite and low <= high; got [{lo}, {hi}].")
+        axes += [(lo, hi)] * int(m.group(3) or 1)
+    return tuple(axes)
+
+
+def sample_spacings(interval: str, n: int, seed: int = 0) -> list[tuple[float, ...]]:
+    """``n`` spacings drawn uniformly per axis from ``interval`` (seeded: the same draws every time)."""
+    axes = parse_interval(interval)
+    rng = np.random.RandomState(seed)
+    return [tuple(round(float(rng.uniform(lo, hi)), 4) for lo, hi in axes) for _ in range(int(n))]
+
+
+def segment_spacings(start, end, n: int) -> list[tuple[float, ...]]:
+    """``n`` evenly spaced spacings from ``start`` to ``end`` (both included): a Figure-2 curve."""
+    a, b = np.asarray(parse_spacing(start, what="segment start")), np.asarray(parse_spacing(end, what="segment end"))
+    if int(n) < 2:
+        raise ValueError(f"a segment needs at least 2 points; got n={n}.")
+    return [tuple(round(float(v), 4) for v in a + (b - a) * t) for t in np.linspace(0.0, 1.0, int(n))]
+
+
+@dataclass
+class Method:
+    """One compared model and how it is run (see the module docstring).
+
+    Args:
+        name: one of :data:`METHODS`.
+        network: a :class:`~custom_networks.HyperUNet` for ``hs``/``hs_clamp``, a
+            :class:`~custom_networks.PlainUNet` otherwise; in eval mode.
+        fixed_spacing: FS's training spacing (``fs`` only).
+        trained_range: HyperSpace's trained range (``hs_clamp`` only).
+    """
+
+    name: str
+    network: torch.nn.Module
+    fixed_spacing: Sequence[float] | None = None
+    trained_range: SpacingRange | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ValueError(f"method {self.name!r} is not one of {METHODS}.")
+        if self.name == "fs" and self.fixed_spacing is None:
+            raise ValueError("method 'fs' needs the fixed spacing it was trained at.")
+        if self.name == "hs_clamp" and self.trained_range is None:
+            raise ValueError("method 'hs_clamp' needs the trained spacing range.")
+
+    def resampling(self) -> SpacingPolicyd | None:
+        """The method's own resampling of the image at ``s``, or ``None``."""
+        if self.name == "fs":
+            return SpacingPolicyd("image", policy="target", target_spacing=list(self.fixed_spacing))
+        if self.name == "hs_clamp":
+            return SpacingPolicyd("image", policy="clamp", trained_range=self.trained_range)
+        return None
+
+
+def _acquire(image, label, spacing) -> tuple[torch.Tensor, torch.Tensor]:
+    """The case as if acquired at ``spacing``: anti-aliased image, nearest label."""
+    d = SpacingPolicyd(["image", "label"], policy="target", target_spacing=list(spacing), mode=["bilinear", "nearest"])(
+        {"image": image, "label": label}
+    )
+    return d["image"], d["label"]
+
+
+def evaluate_case(
+    method: Method,
+    image: torch.Tensor,
+    label: torch.Tensor,
+    spacing: Sequence[float],
+    num_classes: int,
+    inferer: SpacingSlidingWindowInferer,
+    nonzero: bool = False,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Segment one case at ``spacing`` with ``method``; Dice per structure at ``spacing``, time, memory.
+
+    Args:
+        image, label: ``(1, X, Y, Z)`` MetaTensors at their native spacing (after the data set's
+            loading transforms: oriented, label in class indices).
+        spacing: the sweep spacing (mm, tensor axis order).
+        num_classes: including background; Dice is reported for classes ``1..num_classes-1``.
+        inferer: the sliding-window inferer (window size, overlap).
+        nonzero: z-score over non-zero voxels (the data set's ``zscore_nonzero``).
+
+    Returns:
+        ``{"dice": [per structure], "seconds", "peak_memory_gb", "memory_kind", "working_shape"}``;
+        a structure absent from both label and prediction has Dice NaN.
+    """
+    acquired, truth = _acquire(image, label, spacing)
+    resample = method.resampling()
+    chain = Compose(([resample] if resample else []) + [NormalizeIntensityd("image", nonzero=nonzero, channel_wise=True)])
+    network = method.network.to(device).eval()
+    if hasattr(network, "clear_cache"):
+        network.clear_cache()
+    with measure(device) as m, torch.no_grad():
+        d = chain({"image": acquired})
+        x = d["image"][None].to(device)
+        run_spacing = torch.as_tensor(d.get("spacing", spacing), dtype=torch.float32)[None].to(device)
+        logits = inferer(x, network, spacing=run_spacing)[0]
+        if resample is not None:
+            d["pred"] = torch.softmax(logits.float(), 0).cpu()
+            probs = Invertd("pred", transform=chain, orig_keys="image", nearest_interp=False)(d)["pred"]
+        else:
+            probs = logits.float().cpu()
+        pred = probs.argmax(0, keepdim=True)
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    dice = metric(one_hot(pred[None], num_classes), one_hot(torch.as_tensor(truth)[None].long(), num_classes))[0]
+    return {"dice": [float(v) for v in dice], **m.as_dict(), "working_shape": list(x.shape[2:])}
+
+
+def _key(row: dict) -> tuple:
+    return tuple(str(row[c]) if not c.startswith("spacing") else f"{float(row[c]):.4f}" for c in SWEEP_COLUMNS)
+
+
+def sweep_rows(
+    output_csv: str,
+    cases: Iterable[tuple[str, torch.Tensor, torch.Tensor]],
+    methods: Sequence[Method],
+    spacings: Sequence[tuple[str, Sequence[float] | None]],
+    num_classes: int,
+    inferer: SpacingSlidingWindowInferer,
+    nonzero: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> str:
+    """Evaluate every case x method x spacing and append one row each to ``output_csv``.
+
+    Rows already in the file (same case, method, sweep name and spacing) are skipped, so an
+    interrupted sweep resumes where it stopped; each row is written and flushed as soon as it is
+    computed.
+
+    Args:
+        cases: ``(case id, image, label)`` with image and label as for :func:`evaluate_case`.
+        spacings: ``(sweep name, spacing)`` pairs, e.g. ``("[0.5,3.5]^3", (1.2, 0.7, 3.1))``; a
+            ``None`` spacing means the case's native spacing.
+
+    Returns:
+        ``output_csv``.
+    """
+    from tqdm import tqdm
+
+    structures = [f"dice_{c}" for c in range(1, num_classes)]
+    columns = [*SWEEP_COLUMNS, *structures, "mean_dice", "seconds", "peak_memory_gb", "memory_kind", "working_shape"]
+    done: set = set()
+    if os.path.isfile(output_csv):
+        with open(output_csv, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != columns:
+                raise ValueError(f"{output_csv} has columns {reader.fieldnames}; expected {columns} (another sweep's file?).")
+            done = {_key(r) for r in reader}
+    new_file = not os.path.isfile(output_csv)
+    os.makedirs(os.path.dirname(os.path.abspath(output_csv)), exist_ok=True)
+    cases = list(cases)
+    total = len(cases) * len(methods) * len(spacings)
+    with open(output_csv, "a", newline="") as f, tqdm(total=total, disable=not progress, desc="sweep") as bar:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        if new_file:
+            writer.writeheader()
+        for case_id, image, label in cases:
+            native = tuple(float(s) for s in image.pixdim)
+            for sweep_name, spacing in spacings:
+                s = native if spacing is None else tuple(float(v) for v in spacing)
+                for method in methods:
+                    row = {"case": case_id, "method": method.name, "sweep": sweep_name, **{f"spacing_{i}": round(v, 4) for i, v in enumerate(s)}}
+                    bar.update(1)
+                    if _key(row) in done:
+                        continue
+                    result = evaluate_case(method, image, label, s, num_classes, inferer, nonzero, device)
+                    finite = [v for v in result["dice"] if not math.isnan(v)]
+                    row.update({k: round(v, 4) for k, v in zip(structures, result["dice"])})
+                    row.update(
+                        mean_dice=round(float(np.mean(finite)), 4) if finite else float("nan"),
+                        seconds=result["seconds"],
+                        peak_memory_gb=result["peak_memory_gb"],
+                        memory_kind=result["memory_kind"],
+                        working_shape="x".join(map(str, result["working_shape"])),
+                    )
+                    writer.writerow(row)
+                    f.flush()
+                    done.add(_key(row))
+    return output_csv
+
+
+def _read(csv_path: str) -> list[dict]:
+    if not os.path.isfile(csv_path):
+        raise FileNotFoundError(f"sweep CSV {csv_path} does not exist; run the sweep first.")
+    with open(csv_path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def table2(csv_path: str, methods: Sequence[str] = METHODS) -> str:
+    """A Markdown table shaped like the paper's Table 2: mean (std) Dice per sweep and method.
+
+    One row per sweep (interval, segment or ``native``, in order of first appearance), one column
+    per method present. Each cell is over all cases and spacings of that sweep; a case's Dice is
+    its mean over structures.
+    """
+    rows = _read(csv_path)
+    sweeps = list(dict.fromkeys(r["sweep"] for r in rows))
+    present = [m for m in methods if any(r["method"] == m for r in rows)]
+    lines = ["| spacings | " + " | ".join(present) + " |", "|---|" + "---|" * len(present)]
+    for sweep in sweeps:
+        cells = []
+        for m in present:
+            values = [float(r["mean_dice"]) for r in rows if r["sweep"] == sweep and r["method"] == m]
+            values = [v for v in values if not math.isnan(v)]
+            cells.append(f"{np.mean(values):.2f} ({np.std(values):.2f})" if values else "-")
+        lines.append(f"| {sweep} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(csv_path: str, output_dir: str, trained_range: SpacingRange | None = None, fixed_spacing: Sequence[float] | None = None) -> list[str]:
+    """PNG plots shaped like the paper's Figure 2, one set per segment sweep (``"a->b"`` names).
+
+    For each segment: Dice vs the spacing along the segment's most varying axis (mean over cases,
+    one line per method), with the trained range shaded and the FS training spacing marked; and
+    time and peak memory vs the same axis. Returns the files written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _read(csv_path)
+    os.makedirs(output_dir, exist_ok=True)
+    written = []
+    segments = [s for s in dict.fromkeys(r["sweep"] for r in rows) if "->" in s]
+    for index, sweep in enumerate(segments):
+        part = [r for r in rows if r["sweep"] == sweep]
+        spacing = np.array([[float(r[f"spacing_{i}"]) for i in range(3)] for r in part])
+        axis = int(np.argmax(spacing.max(0) - spacing.min(0)))
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for method in [m for m in METHODS if any(r["method"] == m for r in part)]:
+            rs = [r for r in part if r["method"] == method]
+            xs = sorted({float(r[f"spacing_{axis}"]) for r in rs})
+            for ax, key in zip(axes, ("mean_dice", "seconds", "peak_memory_gb")):
+                ys = [np.nanmean([float(r[key]) for r in rs if float(r[f"spacing_{axis}"]) == x]) for x in xs]
+                ax.plot(xs, ys, marker="o", label=method)
+        for ax, title in zip(axes, ("Dice (mean over cases)", "time per case (s)", "peak memory (GB)")):
+            ax.set_xlabel(f"spacing along axis {axis} (mm)")
+            ax.set_title(title)
+            if trained_range is not None:
+                ax.axvspan(trained_range.low[axis], trained_range.high[axis], color="0.9", label="trained range")
+            if fixed_spacing is not None:
+                ax.axvline(float(fixed_spacing[axis]), color="k", linestyle="--", label="FS spacing")
+        axes[0].set_ylim(0, 1)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"segment {sweep}")
+        fig.tight_layout()
+        path = os.path.join(output_dir, f"figure2_segment{index}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
