@@ -317,3 +317,135 @@ def plot_sweep(csv_path: str, output_dir: str, trained_range: SpacingRange | Non
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _bundle_parser(bundle_dir: str, extra: str | None, overrides: dict):
+    from monai.bundle import ConfigParser
+
+    configs = os.path.join(bundle_dir, "configs")
+    parser = ConfigParser()
+    parser.read_config([os.path.join(configs, "inference.json")] + ([os.path.join(configs, extra)] if extra else []))
+    parser.update({"bundle_root": bundle_dir, **overrides})
+    return parser
+
+
+def load_methods(bundle_dir: str, checkpoints: dict | None = None, methods: Sequence[str] = METHODS, device="cpu", overrides: dict | None = None):
+    """The compared models of a bundle, with their checkpoints.
+
+    ``checkpoints`` maps ``hs`` / ``as`` / ``fs`` to checkpoint files (``hs_clamp`` uses the
+    ``hs`` weights, ``fsnr`` the ``fs`` weights); by default the bundle's ``models/model.pt``,
+    ``model_as.pt`` and ``model_fs.pt`` (what its ``train.json``, ``as.json`` and ``fs.json`` write).
+
+    Returns:
+        ``(methods, spec, inferer)``: :class:`Method` list, the data set spec and the bundle's inferer.
+    """
+    overrides = dict(overrides or {})
+    parser = _bundle_parser(bundle_dir, None, overrides)
+    spec, inferer = parser.get_parsed_content("spec"), parser.get_parsed_content("inferer")
+    files = {"hs": "model.pt", "as": "model_as.pt", "fs": "model_fs.pt"}
+    checkpoints = {k: os.path.join(bundle_dir, "models", v) for k, v in files.items()} | dict(checkpoints or {})
+    source = {"hs": "hs", "hs_clamp": "hs", "as": "as", "fs": "fs", "fsnr": "fs"}
+    extra = {"hs": None, "as": "as.json", "fs": "fs.json"}
+    networks: dict[str, torch.nn.Module] = {}
+    out = []
+    for name in methods:
+        family = source.get(name)
+        if family is None:
+            raise ValueError(f"method {name!r} is not one of {METHODS}.")
+        if family not in networks:
+            path = checkpoints[family]
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"method {name!r} needs the {family} checkpoint {path}; train it or pass checkpoints={{'{family}': path}}.")
+            net = _bundle_parser(bundle_dir, extra[family], overrides).get_parsed_content("network_def")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            net.load_state_dict(state["model"] if isinstance(state.get("model"), dict) else state)
+            networks[family] = net.to(device).eval()
+        out.append(Method(name, networks[family], fixed_spacing=spec.fs_spacing if name == "fs" else None,
+                          trained_range=spec.spacing_range if name == "hs_clamp" else None))
+    return out, spec, inferer
+
+
+def sweep(
+    bundle_dir: str,
+    dataset_dir: str | None = None,
+    data_list: str | None = None,
+    split: str = "test",
+    output_dir: str = "sweep",
+    methods: str | Sequence[str] = "hs,hs_clamp,as,fs,fsnr",
+    intervals: str | Sequence[str] | None = None,
+    n: int = 20,
+    seed: int = 0,
+    segments: Sequence | None = None,
+    points: int = 8,
+    native: bool = True,
+    checkpoints: dict | None = None,
+    device: str | None = None,
+    overrides: dict | str | None = None,
+    max_cases: int | None = None,
+) -> dict:
+    """Run a spacing sweep on a bundle's test cases; write ``sweep.csv``, ``table2.md`` and the plots.
+
+    Example (BraTS, the paper's two intervals, a Figure-2 segment, native)::
+
+        python -m custom_networks.experiments sweep bundles/brats_mri_tumour_segmentation \\
+            --dataset_dir /data/BraTS2021 --intervals "['[0.5,3.5]^3','[0.8,1.2]^3']" --n 20 \\
+            --segments "[['1,1,1','1,1,5']]" --output_dir brats_sweep
+
+    Args:
+        bundle_dir: the bundle (its configs decide the data set, networks and inferer).
+        dataset_dir / data_list / split: the cases, as for the bundle (``custom_networks.datalist``).
+        methods: comma-separated subset of :data:`METHODS`.
+        intervals: Monte Carlo intervals such as ``"[0.5,3.5]^3"``; ``n`` seeded samples each.
+        segments: ``[start, end]`` spacing pairs; ``points`` evenly spaced spacings each.
+        native: also evaluate at each case's native spacing.
+        checkpoints: see :func:`load_methods`.
+        overrides: bundle config overrides (JSON string or dict), e.g. a smaller network.
+        max_cases: evaluate only the first cases of the split.
+    """
+    import json
+
+    from monai.transforms import Compose
+
+    from .datalist import load_split
+
+    overrides = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    names = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    method_list, spec, inferer = load_methods(bundle_dir, checkpoints, names, device, overrides)
+    spacings: list[tuple[str, Sequence[float] | None]] = []
+    for interval in [intervals] if isinstance(intervals, str) else list(intervals or []):
+        spacings += [(interval, s) for s in sample_spacings(interval, n, seed)]
+    for start, end in segments or []:
+        name = f"{','.join(f'{v:g}' for v in parse_spacing(start))}->{','.join(f'{v:g}' for v in parse_spacing(end))}"
+        spacings += [(name, s) for s in segment_spacings(start, end, points)]
+    if native:
+        spacings.append(("native", None))
+    if not spacings:
+        raise ValueError("nothing to sweep: give intervals, segments or native=True.")
+    items = load_split(spec, dataset_dir, split, data_list)[: max_cases or None]
+    load = Compose(spec.load_transforms())
+
+    def cases():
+        for item in items:
+            d = load(dict(item))
+            yield os.path.basename(str(item["image"])).split(".")[0], d["image"], d["label"]
+
+    csv_path = sweep_rows(os.path.join(output_dir, "sweep.csv"), cases(), method_list, spacings, spec.num_classes, inferer,
+                          spec.zscore_nonzero, device)
+    table = table2(csv_path)
+    with open(os.path.join(output_dir, "table2.md"), "w") as f:
+        f.write(table)
+    plots = plot_sweep(csv_path, output_dir, spec.spacing_range, spec.fs_spacing)
+    print(table)
+    return {"csv": csv_path, "table": os.path.join(output_dir, "table2.md"), "plots": plots}
+
+
+if __name__ == "__main__":
+    import sys
+
+    import fire
+
+    try:
+        fire.Fire({"sweep": sweep, "table": table2})
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
