@@ -152,15 +152,28 @@ def evaluate_case(
         a structure absent from both label and prediction has Dice NaN.
     """
     acquired, truth = _acquire(image, label, spacing)
+    pred, m, shape = segment(method, acquired, inferer, nonzero, device)
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    dice = metric(one_hot(pred[None], num_classes), one_hot(torch.as_tensor(truth)[None].long(), num_classes))[0]
+    return {"dice": [float(v) for v in dice], **m.as_dict(), "working_shape": shape}
+
+
+def segment(method: Method, image: torch.Tensor, inferer: SpacingSlidingWindowInferer, nonzero: bool = False, device="cpu"):
+    """Run ``method``'s whole pipeline on ``image`` (``(1, X, Y, Z)`` MetaTensor); measured.
+
+    Returns:
+        ``(label (1, X, Y, Z) on the image's grid, Measurement, working grid)``. HyperSpace weights
+        are generated afresh (the cache is cleared first), so their cost is included.
+    """
     resample = method.resampling()
     chain = Compose(([resample] if resample else []) + [NormalizeIntensityd("image", nonzero=nonzero, channel_wise=True)])
     network = method.network.to(device).eval()
     if hasattr(network, "clear_cache"):
         network.clear_cache()
     with measure(device) as m, torch.no_grad():
-        d = chain({"image": acquired})
+        d = chain({"image": image})
         x = d["image"][None].to(device)
-        run_spacing = torch.as_tensor(d.get("spacing", spacing), dtype=torch.float32)[None].to(device)
+        run_spacing = torch.as_tensor(d.get("spacing", tuple(float(v) for v in image.pixdim)), dtype=torch.float32)[None].to(device)
         logits = inferer(x, network, spacing=run_spacing)[0]
         if resample is not None:
             d["pred"] = torch.softmax(logits.float(), 0).cpu()
@@ -168,9 +181,7 @@ def evaluate_case(
         else:
             probs = logits.float().cpu()
         pred = probs.argmax(0, keepdim=True)
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
-    dice = metric(one_hot(pred[None], num_classes), one_hot(torch.as_tensor(truth)[None].long(), num_classes))[0]
-    return {"dice": [float(v) for v in dice], **m.as_dict(), "working_shape": list(x.shape[2:])}
+    return pred, m, list(x.shape[2:])
 
 
 def _key(row: dict) -> tuple:
@@ -440,12 +451,61 @@ def sweep(
     return {"csv": csv_path, "table": os.path.join(output_dir, "table2.md"), "plots": plots}
 
 
+def cost_table(
+    bundle_dir: str,
+    spacings: str | Sequence[float] = "1,1.5,2,3",
+    field_mm: Sequence[float] = (240.0, 240.0, 155.0),
+    device: str | None = None,
+    overrides: dict | str | None = None,
+    repeats: int = 2,
+) -> str:
+    """FS against HyperSpace at native spacing: time and peak memory per image, as ratios.
+
+    For images of one field of view (mm) acquired at each isotropic spacing, FS resamples to its
+    fixed spacing, runs the UNet and resamples the prediction back; HyperSpace runs at the native
+    spacing. The networks are the bundle's with fresh weights (time and memory do not depend on
+    the weights). Every figure comes from this one run; the fastest of ``repeats`` is kept.
+
+        python -m custom_networks.experiments cost_table bundles/brats_mri_tumour_segmentation
+    """
+    import json
+
+    from monai.data import MetaTensor
+
+    overrides = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    values = [float(v) for v in (str(spacings).split(",") if isinstance(spacings, str) else spacings)]
+    parser = _bundle_parser(bundle_dir, None, overrides)
+    spec, inferer = parser.get_parsed_content("spec"), parser.get_parsed_content("inferer")
+    hs = Method("hs", parser.get_parsed_content("network_def"))
+    fs = Method("fs", _bundle_parser(bundle_dir, "fs.json", overrides).get_parsed_content("network_def"), fixed_spacing=spec.fs_spacing)
+    lines = [
+        f"| native spacing (mm) | grid | FS time | HS time | FS / HS time | FS peak memory | HS peak memory | FS / HS memory |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rng = np.random.RandomState(0)
+    for s in values:
+        shape = tuple(max(8, int(round(f / s))) for f in field_mm)
+        image = MetaTensor(torch.as_tensor(rng.normal(100.0, 10.0, shape), dtype=torch.float32)[None], affine=torch.diag(torch.tensor([s, s, s, 1.0], dtype=torch.float64)))
+        results = {}
+        for method in (fs, hs):
+            runs = [segment(method, image, inferer, spec.zscore_nonzero, device)[1] for _ in range(max(1, int(repeats)))]
+            results[method.name] = (min(r.seconds for r in runs), max(r.added_bytes for r in runs), runs[0].kind)
+        (t_fs, m_fs, kind), (t_hs, m_hs, _) = results["fs"], results["hs"]
+        lines.append(f"| {s:g} | {'x'.join(map(str, shape))} | {t_fs:.2f} s | {t_hs:.2f} s | {t_fs / t_hs:.1f} | "
+                     f"{m_fs / 1e9:.2f} GB | {m_hs / 1e9:.2f} GB | {m_fs / max(m_hs, 1):.1f} |")
+    name = torch.cuda.get_device_name(0) if str(device).startswith("cuda") else f"CPU, {os.cpu_count()} cores"
+    table = "\n".join(lines) + f"\n\n{name}; FS fixed spacing {list(spec.fs_spacing)} mm; peak memory: {kind} growth during the pipeline\n"
+    print(table)
+    return table
+
+
 if __name__ == "__main__":
     import sys
 
     import fire
 
     try:
-        fire.Fire({"sweep": sweep, "table": table2})
+        fire.Fire({"sweep": sweep, "table": table2, "cost_table": cost_table})
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

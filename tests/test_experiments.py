@@ -233,3 +233,21 @@ def test_sweep_command_on_a_bundle_writes_csv_table_and_plots(tmp_path):
     bad = subprocess.run(cmd[:-8] + ["--checkpoints", json.dumps({"hs": str(tmp_path / "missing.pt")}), "--device", "cpu"],
                          cwd=root, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "missing.pt" in bad.stderr
+
+
+def test_cost_table_compares_fs_with_hyperspace_per_native_spacing():
+    import os
+    import re
+
+    from custom_networks.experiments import cost_table
+
+    bundle = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles", "brats_mri_tumour_segmentation")
+    table = cost_table(bundle, spacings="1,3", field_mm=(24, 24, 16), device="cpu", repeats=1,
+                       overrides={"patch_size": [16, 16, 16], "network_def#channels": [4, 8]})
+    rows = [line for line in table.splitlines() if re.match(r"\| \d", line)]
+    assert [r.split("|")[1].strip() for r in rows] == ["1", "3"]
+    assert rows[1].split("|")[2].strip() == "8x8x8"  # 24 mm at 3 mm, at least 8 voxels per axis
+    for r in rows:
+        fs_t, hs_t, ratio = (float(c.strip().split()[0]) for c in r.split("|")[3:6])
+        assert ratio == pytest.approx(fs_t / hs_t, rel=0.1, abs=0.06)
+    assert "FS fixed spacing [1.0, 1.0, 1.0] mm" in table
