@@ -500,12 +500,87 @@ def cost_table(
     return table
 
 
+def cka_study(
+    bundle_dir: str,
+    image: str,
+    spacings: str | Sequence[float] = "1,1.5,2,3",
+    output_dir: str = "cka",
+    checkpoint: str | None = None,
+    region_mm: Sequence[float] = (96.0, 96.0, 96.0),
+    positions: int = 4096,
+    overrides: dict | str | None = None,
+) -> dict:
+    """Linear CKA between the layers of UNets generated at several spacings (paper, Figure 3).
+
+    The same physical region (a ``region_mm`` box at the image centre) is resampled to each
+    isotropic spacing and fed to the UNet HyperSpace generates for that spacing. Written to
+    ``output_dir``: per spacing pair ``(a, b)`` the matrix ``cka_<a>mm_<b>mm.npy`` / ``.csv``
+    (rows: layers of the ``a`` network, columns: layers of the ``b`` network; ``a == b`` is the
+    within-network matrix) and a heatmap ``cka_<a>mm_<b>mm.png``.
+
+        python -m custom_networks.experiments cka_study bundles/brats_mri_tumour_segmentation case_t1ce.nii.gz
+    """
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from monai.transforms import CenterSpatialCropd, Compose, NormalizeIntensityd
+
+    from .analysis import cka_matrix, conv_activations
+
+    overrides = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
+    values = [float(v) for v in (str(spacings).split(",") if isinstance(spacings, str) else spacings)]
+    parser = _bundle_parser(bundle_dir, None, overrides)
+    spec, network = parser.get_parsed_content("spec"), parser.get_parsed_content("network_def").eval()
+    checkpoint = checkpoint or os.path.join(bundle_dir, "models", parser.get_parsed_content("model_file"))
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"HyperSpace checkpoint {checkpoint} does not exist; train the bundle or pass --checkpoint.")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    network.load_state_dict(state["model"] if isinstance(state.get("model"), dict) else state)
+    loaded = Compose(spec.load_transforms(keys=["image"], label_key=None))({"image": image})["image"]
+    divisor = network.layout.divisor
+    acts = {}
+    for s in values:
+        d = SpacingPolicyd("image", policy="target", target_spacing=s)({"image": loaded})
+        size = [max(divisor, int(round(r / s / divisor)) * divisor) for r in region_mm]
+        d = Compose([CenterSpatialCropd("image", size), NormalizeIntensityd("image", nonzero=spec.zscore_nonzero)])(d)
+        if list(d["image"].shape[1:]) != size:
+            raise ValueError(f"{image}: the image is smaller than the {list(region_mm)} mm region at {s} mm; choose a smaller region_mm.")
+        with torch.no_grad():
+            acts[s] = conv_activations(network.generate(s).eval(), d["image"][None].float())
+    os.makedirs(output_dir, exist_ok=True)
+    written = []
+    for i, a in enumerate(values):
+        for b in values[i:]:
+            names_a, names_b, matrix = cka_matrix(acts[a], acts[b], positions=positions)
+            stem = os.path.join(output_dir, f"cka_{a:g}mm_{b:g}mm")
+            np.save(stem + ".npy", matrix)
+            with open(stem + ".csv", "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["layer", *names_b])
+                w.writerows([[n, *[f"{v:.4f}" for v in row]] for n, row in zip(names_a, matrix)])
+            fig, ax = plt.subplots(figsize=(7, 6))
+            im = ax.imshow(matrix, vmin=0, vmax=1, cmap="magma")
+            ax.set_xticks(range(len(names_b)), names_b, rotation=90, fontsize=6)
+            ax.set_yticks(range(len(names_a)), names_a, fontsize=6)
+            ax.set_xlabel(f"layers of the UNet for {b:g} mm")
+            ax.set_ylabel(f"layers of the UNet for {a:g} mm")
+            fig.colorbar(im, ax=ax, label="linear CKA")
+            fig.tight_layout()
+            fig.savefig(stem + ".png", dpi=100)
+            plt.close(fig)
+            written.append(stem)
+    return {"matrices": written}
+
+
 if __name__ == "__main__":
     import sys
 
     import fire
 
     try:
-        fire.Fire({"sweep": sweep, "table": table2, "cost_table": cost_table})
+        fire.Fire({"sweep": sweep, "table": table2, "cost_table": cost_table, "cka_study": cka_study})
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

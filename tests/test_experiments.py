@@ -251,3 +251,34 @@ def test_cost_table_compares_fs_with_hyperspace_per_native_spacing():
         fs_t, hs_t, ratio = (float(c.strip().split()[0]) for c in r.split("|")[3:6])
         assert ratio == pytest.approx(fs_t / hs_t, rel=0.1, abs=0.06)
     assert "FS fixed spacing [1.0, 1.0, 1.0] mm" in table
+
+
+def test_cka_study_writes_matrices_and_heatmaps(tmp_path):
+    import glob
+    import os
+
+    from monai.bundle import ConfigParser
+
+    from custom_networks.experiments import cka_study
+    from custom_networks.synthetic_datasets import write_synthetic_dataset
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bundle = os.path.join(root, "bundles", "brats_mri_tumour_segmentation")
+    overrides = {"network_def#channels": [4, 8]}
+    parser = ConfigParser()
+    parser.read_config(os.path.join(bundle, "configs", "inference.json"))
+    parser.update({"bundle_root": bundle, **overrides})
+    torch.manual_seed(0)
+    ckpt = str(tmp_path / "hs.pt")
+    torch.save(parser.get_parsed_content("network_def").state_dict(), ckpt)
+    data = write_synthetic_dataset("brats", str(tmp_path / "data"), n_cases=1)
+    image = glob.glob(os.path.join(data, "*", "*_t1ce.nii.gz"))[0]
+    out = cka_study(bundle, image, spacings="1,2", output_dir=str(tmp_path / "cka"), checkpoint=ckpt,
+                    region_mm=(24, 24, 16), positions=512, overrides=overrides)
+    assert [os.path.basename(p) for p in out["matrices"]] == ["cka_1mm_1mm", "cka_1mm_2mm", "cka_2mm_2mm"]
+    within = np.load(str(tmp_path / "cka" / "cka_1mm_1mm.npy"))
+    assert within.shape[0] == within.shape[1] and np.allclose(np.diag(within), 1.0)
+    across = np.load(str(tmp_path / "cka" / "cka_1mm_2mm.npy"))
+    assert ((across >= -1e-9) & (across <= 1 + 1e-9)).all()
+    assert (tmp_path / "cka" / "cka_1mm_2mm.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "cka" / "cka_1mm_2mm.csv").read_text().startswith("layer,")
