@@ -48,6 +48,53 @@ def _dice(pred_path: str, label_path: str) -> float:
     return float(metric(one_hot(pred, 2), one_hot(label, 2)).mean())
 
 
+def train_on_volumes(
+    net: torch.nn.Module,
+    items: list[dict],
+    spacing_range,
+    iterations: int,
+    batch_size: int = 2,
+    patch: int = 24,
+    output_spacing=None,
+    learning_rate: float = 3e-4,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """Train ``net`` for ``iterations`` steps on random-spacing patches of NIfTI volumes.
+
+    MONAI's ``SupervisedTrainer`` with ``DiceCELoss`` and Adam; patches from
+    :class:`RandSpacingPatchd` (one spacing per batch, drawn from ``spacing_range``; with
+    ``output_spacing`` the FS baseline's "random spacing, then back to the fixed one"). A
+    :class:`PlainUNet` ignores the spacing (the AS and FS baselines).
+
+    Args:
+        items: ``[{"image": path, "label": path}, ...]``, labels holding class indices.
+    """
+    load = Compose([LoadImaged(keys=["image", "label"]), EnsureChannelFirstd(keys=["image", "label"]), EnsureTyped(keys="image")])
+    augment = RandSpacingPatchd(
+        keys=["image", "label"], spacing_range=spacing_range, patch_size=(patch,) * 3, pos_fraction=0.7,
+        samples_per_spacing=batch_size, output_spacing=output_spacing,
+    )
+    dataset = CacheDataset(items, transform=Compose([load, augment]), progress=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
+    trainer = SupervisedTrainer(
+        device=torch.device(device),
+        max_epochs=-(-iterations // len(loader)),
+        train_data_loader=loader,
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), learning_rate),
+        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+        prepare_batch=PrepareBatchSpacing(),
+        train_handlers=[StatsHandler(tag_name="train_loss", output_transform=lambda out: out[0]["loss"])],
+    )
+
+    @trainer.on(Events.ITERATION_COMPLETED(once=iterations))
+    def _stop(engine):
+        engine.terminate()
+
+    trainer.run()
+    return net.eval()
+
+
 def run(output_dir: str = "demo_output", iterations: int = 40, batch_size: int = 2, patch: int = 24, seed: int = 0) -> None:
     """Generate data, train ``iterations`` steps on CPU, predict the held-out volumes at native and 2 mm.
 
@@ -66,28 +113,8 @@ def run(output_dir: str = "demo_output", iterations: int = 40, batch_size: int =
     items = write_size_task_dataset(os.path.join(output_dir, "data"), seed=seed)
     train_items, test_items = items[:-2], items[-2:]
 
-    load = Compose([LoadImaged(keys=["image", "label"]), EnsureChannelFirstd(keys=["image", "label"]), EnsureTyped(keys="image")])
-    augment = RandSpacingPatchd(keys=["image", "label"], spacing_range=TRAINED_RANGE, patch_size=(patch,) * 3, pos_fraction=0.7)
-    dataset = CacheDataset(train_items, transform=Compose([load, augment]), progress=False)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
-
     net = HyperUNet(**DEMO_LAYOUT)
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=-(-iterations // len(loader)),
-        train_data_loader=loader,
-        network=net,
-        optimizer=torch.optim.Adam(net.parameters(), 3e-4),
-        loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
-        prepare_batch=PrepareBatchSpacing(),
-        train_handlers=[StatsHandler(tag_name="train_loss", output_transform=lambda out: out[0]["loss"])],
-    )
-
-    @trainer.on(Events.ITERATION_COMPLETED(once=iterations))
-    def _stop(engine):
-        engine.terminate()
-
-    trainer.run()
+    train_on_volumes(net, train_items, TRAINED_RANGE, iterations, batch_size=batch_size, patch=patch)
     checkpoint = os.path.join(output_dir, "model.pt")
     torch.save({"network": net.state_dict(), "layout": net.layout.as_kwargs(), "trained_range_mm": TRAINED_RANGE}, checkpoint)
 
