@@ -5,7 +5,7 @@ the training / inference pieces MONAI lacks around it.
 """
 
 from .datasets import DATASETS, CheckImaged, DatasetSpec, MapLabelsd, get_dataset
-from .engine import PrepareBatchSpacing, SpacingSlidingWindowInferer, batch_spacing
+from .engine import PrepareBatchSpacing, PrepareBatchSpacingAffine, SpacingInferer, SpacingSlidingWindowInferer, batch_spacing
 from .hyperspace import HyperUNet
 from .layout import UNetLayout
 from .spacing import SPACING_POLICIES, SpacingRange, as_spacing_tensor, parse_spacing, working_spacing

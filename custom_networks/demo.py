@@ -27,7 +27,7 @@ from monai.networks.utils import one_hot
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged
 from monai.utils import set_determinism
 
-from .engine import PrepareBatchSpacing
+from .engine import PrepareBatchSpacing, PrepareBatchSpacingAffine, SpacingInferer
 from .hyperspace import HyperUNet
 from .inference import predict
 from .synthetic import write_size_task_dataset
@@ -58,6 +58,8 @@ def train_on_volumes(
     output_spacing=None,
     learning_rate: float = 3e-4,
     device: str | torch.device = "cpu",
+    label_names: dict | None = None,
+    sigma_mm: float = 3.0,
 ) -> torch.nn.Module:
     """Train ``net`` for ``iterations`` steps on random-spacing patches of NIfTI volumes.
 
@@ -66,15 +68,28 @@ def train_on_volumes(
     ``output_spacing`` the FS baseline's "random spacing, then back to the fixed one"). A
     :class:`PlainUNet` ignores the spacing (the AS and FS baselines).
 
+    With ``label_names`` (``{name: class index}``, background first) the network is click-guided
+    (``in_channels`` = 1 + number of labels): DeepEdit's simulated clicks, first on the label and
+    then on the current prediction's errors through MONAI's ``Interaction`` handler, with
+    Gaussians of ``sigma_mm`` (see :mod:`custom_networks.interactive`).
+
     Args:
         items: ``[{"image": path, "label": path}, ...]``, labels holding class indices.
     """
+    from .interactive import InitialClickGuidanced, interaction
+
     load = Compose([LoadImaged(keys=["image", "label"]), EnsureChannelFirstd(keys=["image", "label"]), EnsureTyped(keys="image")])
-    augment = RandSpacingPatchd(
+    augment = [RandSpacingPatchd(
         keys=["image", "label"], spacing_range=spacing_range, patch_size=(patch,) * 3, pos_fraction=0.7,
         samples_per_spacing=batch_size, output_spacing=output_spacing,
-    )
-    dataset = CacheDataset(items, transform=Compose([load, augment]), progress=False)
+    )]
+    clicks = {}
+    if label_names:
+        augment.append(InitialClickGuidanced("label", label_names, sigma_mm))
+        clicks = dict(
+            iteration_update=interaction(label_names, sigma_mm), prepare_batch=PrepareBatchSpacingAffine(), inferer=SpacingInferer()
+        )
+    dataset = CacheDataset(items, transform=Compose([load, *augment]), progress=False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
     trainer = SupervisedTrainer(
         device=torch.device(device),
@@ -83,8 +98,8 @@ def train_on_volumes(
         network=net,
         optimizer=torch.optim.Adam(net.parameters(), learning_rate),
         loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
-        prepare_batch=PrepareBatchSpacing(),
         train_handlers=[StatsHandler(tag_name="train_loss", output_transform=lambda out: out[0]["loss"])],
+        **{"prepare_batch": PrepareBatchSpacing(), **clicks},
     )
 
     @trainer.on(Events.ITERATION_COMPLETED(once=iterations))

@@ -15,12 +15,12 @@ import torch
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.engines import PrepareBatchExtraInput
-from monai.inferers import SlidingWindowInferer
+from monai.inferers import Inferer, SlidingWindowInferer
 from monai.utils import ensure_tuple_rep
 
 from .spacing import as_spacing_tensor
 
-__all__ = ["PrepareBatchSpacing", "SpacingSlidingWindowInferer", "batch_spacing"]
+__all__ = ["PrepareBatchSpacing", "PrepareBatchSpacingAffine", "SpacingInferer", "SpacingSlidingWindowInferer", "batch_spacing"]
 
 
 def batch_spacing(images: torch.Tensor, spacing=None) -> torch.Tensor:
@@ -67,6 +67,47 @@ class PrepareBatchSpacing(PrepareBatchExtraInput):
         batchdata["image"] = batchdata[self.image_key]
         batchdata[self.spacing_key] = batch_spacing(batchdata[self.image_key], batchdata.get(self.spacing_key))
         return super().__call__(batchdata, device, non_blocking, **kwargs)
+
+
+class PrepareBatchSpacingAffine:
+    """``prepare_batch`` returning ``(image, label)``, the spacing carried by the image's affine.
+
+    For engines driven by MONAI's DeepEdit ``Interaction``, which unpacks ``prepare_batch`` into
+    two values and calls ``inferer(inputs, network)`` without extra arguments: the images come back
+    as a batched MetaTensor whose per-sample affine is ``diag(spacing, 1)``, from which
+    :class:`SpacingInferer` and :class:`SpacingSlidingWindowInferer` read the spacing. The spacing
+    is the batch's ``spacing_key`` entry or, if absent, the images' own affines.
+    """
+
+    def __init__(self, spacing_key: str = "spacing", image_key: str = "image", label_key: str = "label"):
+        self.spacing_key = spacing_key
+        self.image_key = image_key
+        self.label_key = label_key
+
+    def __call__(self, batchdata, device=None, non_blocking: bool = False, **kwargs: Any):
+        images = batchdata[self.image_key]
+        spacing = batch_spacing(images, batchdata.get(self.spacing_key)).to(torch.float64)
+        affine = torch.diag_embed(torch.cat([spacing.cpu(), torch.ones(len(spacing), 1, dtype=torch.float64)], dim=1))
+        plain = images.as_tensor() if isinstance(images, MetaTensor) else torch.as_tensor(images)
+        images = MetaTensor(plain.to(device=device, non_blocking=non_blocking), affine=affine)
+        images.is_batch = True
+        labels = batchdata.get(self.label_key)
+        if labels is not None:
+            labels = torch.as_tensor(labels).to(device=device, non_blocking=non_blocking)
+        return images, labels
+
+
+class SpacingInferer(Inferer):
+    """Whole-input inference that hands the network ``spacing=(B, D)`` (mm).
+
+    ``inferer(inputs, network, spacing=None)``: the spacing as given or read from the inputs'
+    affines (see :class:`PrepareBatchSpacingAffine`). The network gets a plain tensor.
+    """
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, spacing=None, **kwargs: Any):
+        spacing = batch_spacing(inputs, spacing)
+        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        return network(plain, *args, spacing=spacing, **kwargs)
 
 
 class SpacingSlidingWindowInferer(SlidingWindowInferer):

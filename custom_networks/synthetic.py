@@ -13,7 +13,14 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["SMALL_RADIUS_MM", "LARGE_RADIUS_MM", "render_balls", "ball_patch", "write_size_task_dataset"]
+__all__ = [
+    "SMALL_RADIUS_MM",
+    "LARGE_RADIUS_MM",
+    "render_balls",
+    "ball_patch",
+    "write_size_task_dataset",
+    "write_click_task_dataset",
+]
 
 SMALL_RADIUS_MM = 2.5  # background balls
 LARGE_RADIUS_MM = 5.0  # foreground balls (label 1)
@@ -75,6 +82,25 @@ def write_size_task_dataset(
     Returns:
         a MONAI data list ``[{"image": path, "label": path}, ...]``.
     """
+    return _write_balls_dataset(out_dir, spacings, extent_mm, balls_per_kind, seed, same_size=False)
+
+
+def write_click_task_dataset(
+    out_dir: str,
+    spacings: Sequence[Sequence[float]] = ((1.0, 1.0, 1.0), (1.5, 1.5, 1.5), (2.0, 2.0, 2.0), (1.0, 1.0, 2.0), (2.5, 2.5, 2.5), (1.2, 1.2, 1.2)),
+    extent_mm: float = 48.0,
+    balls_per_kind: int = 3,
+    seed: int = 0,
+) -> list[dict]:
+    """Like :func:`write_size_task_dataset`, but every ball has radius ``LARGE_RADIUS_MM``.
+
+    Which ``balls_per_kind`` balls are foreground is random: nothing in the image tells, only a
+    user's clicks can. The task of the click-guided model's tests.
+    """
+    return _write_balls_dataset(out_dir, spacings, extent_mm, balls_per_kind, seed, same_size=True)
+
+
+def _write_balls_dataset(out_dir, spacings, extent_mm, balls_per_kind, seed, same_size: bool) -> list[dict]:
     import nibabel as nib
 
     os.makedirs(out_dir, exist_ok=True)
@@ -84,7 +110,7 @@ def write_size_task_dataset(
         spacing = np.asarray(spacing, float)
         shape = np.round(extent_mm / spacing).astype(int)
         centers: list[np.ndarray] = []
-        radii = [LARGE_RADIUS_MM] * balls_per_kind + [SMALL_RADIUS_MM] * balls_per_kind
+        radii = [LARGE_RADIUS_MM] * balls_per_kind + [SMALL_RADIUS_MM if not same_size else LARGE_RADIUS_MM] * balls_per_kind
         for r in radii:
             for _ in range(1000):
                 c = rng.uniform(r + 2, extent_mm - r - 2, 3)
