@@ -46,17 +46,8 @@ __all__ = [
     "InitialClickGuidanced",
     "click_simulation",
     "interaction",
-    "label_names_of",
     "clicks_to_grid",
 ]
-
-
-def label_names_of(classes: Sequence[str]) -> dict[str, int]:
-    """DeepEdit's ``label_names`` (name -> class index) from class names, background first."""
-    names = {str(c): i for i, c in enumerate(classes)}
-    if list(names)[:1] != ["background"] or len(names) != len(classes):
-        raise ValueError(f"classes {list(classes)} must be distinct names starting with 'background'.")
-    return names
 
 
 def _spacing_of(d: Mapping, image_key: str, spacing_key: str) -> tuple[float, ...]:
@@ -147,7 +138,7 @@ class InitialClickGuidanced(Randomizable, MapTransform):
 
     Args:
         keys: ``"label"`` (the label map of class indices, ``(1, X, Y, Z)``).
-        label_names: ``{name: class index}``, background first (:func:`label_names_of`).
+        label_names: ``{name: class index}``, background first (``DatasetSpec.label_names``).
         sigma_mm: width of a click's Gaussian (mm).
         image_key: the image that receives the guidance channels.
     """

@@ -94,6 +94,28 @@ def test_evaluation_writes_dice_per_structure(trained):
             assert row[k] == "nan" or 0.0 <= float(row[k]) <= 1.0
 
 
+def test_interactive_training_and_inference_commands(tmp_path):
+    """The click-guided variant: README commands on MM-WHS (seven structures, so most patches miss
+    some of them), training with DeepEdit's simulated clicks, then inference without clicks."""
+    data = str(tmp_path / "data")
+    write_synthetic_dataset("mmwhs", data, n_cases=5, seed=0)
+    root = str(tmp_path / "root")
+    run_bundle("mmwhs", "training", ["train.json", "train_interactive.json"], "--dataset_dir", data, "--bundle_root", root,
+               "--epochs", "1", "--val_interval", "1", "--num_workers", "0", "--batch_size", "2")
+    state = torch.load(os.path.join(root, "models", "model_interactive.pt"), map_location="cpu")
+    net = HyperUNet(spatial_dims=3, in_channels=1 + len(_classes("mmwhs")), out_channels=len(_classes("mmwhs")), channels=(8, 16))
+    net.load_state_dict(state)  # image + one guidance channel per label, background included
+    assert not os.path.exists(os.path.join(root, "models", "model.pt"))  # the segmentation model is not touched
+    out = str(tmp_path / "pred")
+    run_bundle("mmwhs", "inference", ["inference.json", "inference_interactive.json"], "--dataset_dir", data,
+               "--bundle_root", root, "--output_dir", out, "--spacing_policy", "target", "--target_spacing", "2,2,2")
+    for image in _images("mmwhs", data):
+        seg = nib.load(os.path.join(out, _stem(image) + "_seg.nii.gz"))
+        shape, affine = _geometry(image)
+        assert seg.shape == shape
+        np.testing.assert_allclose(seg.affine, affine, atol=1e-4)
+
+
 @pytest.mark.parametrize("trained", ["brats"], indirect=True)  # packing is the same for every bundle
 def test_packed_zip_runs_inference_outside_the_repository(trained, tmp_path):
     """A shared bundle needs only the requirements: unzip it away from this checkout and run it."""
@@ -131,9 +153,11 @@ def test_config_workflows_have_the_bundle_properties(name, tmp_path):
     data = str(tmp_path / "data")
     write_synthetic_dataset(name, data, n_cases=5, seed=1)
     meta = os.path.join(bundle_dir(name), "configs", "metadata.json")
-    for config, kind in (("train.json", "train"), ("inference.json", "infer")):
+    configs = [(["train.json"], "train"), (["inference.json"], "infer"),
+               (["train.json", "train_interactive.json"], "train"), (["inference.json", "inference_interactive.json"], "infer")]
+    for config, kind in configs:
         workflow = ConfigWorkflow(
-            config_file=os.path.join(bundle_dir(name), "configs", config),
+            config_file=[os.path.join(bundle_dir(name), "configs", c) for c in config],
             meta_file=meta,
             logging_file=os.path.join(bundle_dir(name), "configs", "logging.conf"),
             workflow_type=kind,

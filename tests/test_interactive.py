@@ -129,3 +129,58 @@ def test_prepare_batch_hands_the_spacing_through_the_affine_to_the_inferer():
     assert out.shape == (2, 2, 8, 8, 8) and labels.shape == (2, 1, 8, 8, 8)
     assert torch.allclose(seen["spacing"], batch["spacing"])
     assert type(seen["x"]) is torch.Tensor  # the network gets a plain tensor
+
+
+def _ball_clicks(label: np.ndarray, image: np.ndarray) -> tuple[list, list]:
+    """Voxel indices of the centres of the foreground balls and of the background balls."""
+    from scipy import ndimage
+
+    fg, n = ndimage.label(label > 0)
+    fg_clicks = ndimage.center_of_mass(label > 0, fg, range(1, n + 1))
+    bg, m = ndimage.label((image > 100) & (label == 0))  # generated balls are 150, the rest 50 (+- 10)
+    keep = [k for k in range(1, m + 1) if (bg == k).sum() >= 8]  # not noise
+    bg_clicks = ndimage.center_of_mass(bg > 0, bg, keep)
+    return [[int(round(v)) for v in c] for c in fg_clicks], [[int(round(v)) for v in c] for c in bg_clicks]
+
+
+def test_clicks_correct_the_segmentation_after_short_training(tmp_path):
+    """Which equal balls are foreground is random: only clicks can tell. After a short CPU
+    training with DeepEdit's simulated clicks, foreground clicks in the balls raise the Dice and
+    background clicks in the other balls shrink the false-positive volume, on volumes at native
+    spacings of 1 to 2.2 mm, one of them run at a 2 mm working spacing (clicks mapped there)."""
+    from monai.transforms import NormalizeIntensityd
+    from monai.utils import set_determinism
+
+    from custom_networks import HyperUNet, SpacingSlidingWindowInferer
+    from custom_networks.demo import DEMO_LAYOUT, train_on_volumes
+    from custom_networks.synthetic import write_click_task_dataset
+
+    set_determinism(0)
+    rng = np.random.RandomState(0)
+    train = write_click_task_dataset(str(tmp_path / "train"), [tuple(np.round(rng.uniform(1, 2.5, 3), 2)) for _ in range(8)], seed=0)
+    net = HyperUNet(**{**DEMO_LAYOUT, "in_channels": 1 + len(LABELS)})
+    train_on_volumes(net, train, [[1.0, 2.5]] * 3, 300, batch_size=2, patch=24, learning_rate=1e-3, label_names=LABELS)
+    net.eval()
+
+    test = write_click_task_dataset(str(tmp_path / "test"), [(1.0, 1.0, 1.0), (1.3, 1.3, 2.2), (2.0, 2.0, 2.0)], seed=5)
+    inferer = SpacingSlidingWindowInferer(roi_size=(24,) * 3, sw_batch_size=4, overlap=0.25)
+    dice = {"none": [], "fg": []}
+    false_positives = {"none": 0, "bg": 0}
+    for item, working in zip(test, (None, [2.0, 2.0, 2.0], None)):
+        loaded = Compose([LoadImaged(["image", "label"]), EnsureChannelFirstd(["image", "label"])])(dict(item))
+        fg_clicks, bg_clicks = _ball_clicks(np.asarray(loaded["label"][0]), np.asarray(loaded["image"][0]))
+        assert len(fg_clicks) == 3 and len(bg_clicks) == 3
+        if working:
+            loaded = SpacingPolicyd(["image", "label"], policy="target", target_spacing=working, mode=["bilinear", "nearest"])(loaded)
+        truth = np.asarray(loaded["label"][0]) > 0
+        for name, clicks in (("none", {}), ("fg", {"ball": fg_clicks}), ("bg", {"background": bg_clicks})):
+            d = ClickGuidanced("image", LABELS, sigma_mm=3.0)({**NormalizeIntensityd("image")(dict(loaded)), **clicks})
+            with torch.no_grad():
+                pred = inferer(d["image"][None].float(), net).argmax(1)[0].numpy() > 0
+            if name in dice:
+                dice[name].append(2 * (pred & truth).sum() / (pred.sum() + truth.sum()))
+            if name in false_positives:
+                false_positives[name] += int((pred & ~truth).sum())
+    # measured here (seed 0): mean Dice 0.55 -> 0.69 with foreground clicks; false positives -20 %
+    assert np.mean(dice["fg"]) >= np.mean(dice["none"]) + 0.05, dice
+    assert false_positives["bg"] <= 0.9 * false_positives["none"], false_positives
