@@ -42,12 +42,17 @@ from monai.transforms import Activationsd, AsDiscreted, Compose, MapTransform, R
 
 __all__ = [
     "AddGuidanceSignalMMd",
+    "ClickError",
     "ClickGuidanced",
     "InitialClickGuidanced",
     "click_simulation",
     "interaction",
     "clicks_to_grid",
 ]
+
+
+class ClickError(ValueError):
+    """A click that is not ``D`` voxel indices of the image, or lies outside it."""
 
 
 def _spacing_of(d: Mapping, image_key: str, spacing_key: str) -> tuple[float, ...]:
@@ -268,8 +273,8 @@ class ClickGuidanced(MapTransform):
         sigma_mm: width of a click's Gaussian (mm).
 
     Raises:
-        ValueError: naming the label and click, for a click that is not ``D`` numbers or lies
-            outside the image as stored.
+        ClickError: (a ``ValueError``) naming the label and click, for a click that is not ``D``
+            numbers or lies outside the image as stored.
     """
 
     def __init__(
@@ -298,7 +303,12 @@ class ClickGuidanced(MapTransform):
         out: dict[str, list[list[int]]] = {}
         for name in self.label_names:
             points = d.get(name) or []
-            points = json.loads(points) if isinstance(points, str) else points
+            try:
+                points = json.loads(points) if isinstance(points, str) else points
+            except json.JSONDecodeError:
+                points = None
+            if not isinstance(points, (list, tuple)):
+                raise ClickError(f"clicks for label '{name}' must be a list of [i, j, k] voxel indices, got {d.get(name)!r}.")
             checked = []
             for p in points:
                 try:
@@ -306,9 +316,9 @@ class ClickGuidanced(MapTransform):
                 except (TypeError, ValueError):
                     q = []
                 if len(q) != dims or not all(np.isfinite(q)):
-                    raise ValueError(f"click {p!r} for label '{name}' must be {dims} voxel indices [i, j, k] of the image.")
+                    raise ClickError(f"click {p!r} for label '{name}' must be {dims} voxel indices [i, j, k] of the image.")
                 if any(v < -0.5 or v > s - 0.5 for v, s in zip(q, stored_shape)):
-                    raise ValueError(f"click {p!r} for label '{name}' lies outside the image of {stored_shape} voxels.")
+                    raise ClickError(f"click {p!r} for label '{name}' lies outside the image of {stored_shape} voxels.")
                 checked.append(q)
             if checked and original is not None:
                 checked = clicks_to_grid(checked, original, current, image.shape[1:])

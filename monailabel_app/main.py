@@ -13,7 +13,9 @@ Start (from the repository root, with the project's environment active)::
 - ``bundle_overrides``: a JSON object of config overrides applied to every bundle's configs, as on
   the bundle command line, e.g. ``'{"patch_size": [64, 64, 64], "num_workers": 0}'``.
 
-Each bundle is one model (its folder name) with a segmentation infer task and a train task; the
+Each bundle is one model (its folder name) with a segmentation infer task and a train task, and,
+where the bundle has ``configs/*_interactive.json``, a click-guided model ``<bundle>_interactive``
+(MONAI Label's ``deepedit`` type) with its own infer and train tasks and checkpoint. The
 active-learning strategies are ``random`` and ``first`` (first unlabelled image by id).
 """
 
@@ -32,7 +34,7 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 import custom_networks
-from lib.configs import HyperSpaceConfig, discover_bundles
+from lib.configs import INTERACTIVE_SUFFIX, HyperSpaceConfig, discover_bundles, has_interactive_variant
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +56,11 @@ class HyperSpaceApp(MONAILabelApp):
             os.makedirs(model_dir, exist_ok=True)
         self.models: dict[str, HyperSpaceConfig] = {}
         for name, path in discover_bundles(bundles_dir, conf.get("models", "all")).items():
-            config = HyperSpaceConfig()
-            config.init(name, model_dir, conf, None, bundle_path=path, overrides=overrides)
-            self.models[name] = config
+            variants = [(name, False)] + ([(name + INTERACTIVE_SUFFIX, True)] if has_interactive_variant(path) else [])
+            for model, interactive in variants:
+                config = HyperSpaceConfig()
+                config.init(model, model_dir, conf, None, bundle_path=path, overrides=overrides, interactive=interactive)
+                self.models[model] = config
         logger.info(f"Serving bundles {list(self.models)} from {bundles_dir}; checkpoints {[c.path for c in self.models.values()]}")
         _check_train_requests()
         super().__init__(

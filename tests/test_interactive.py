@@ -83,6 +83,8 @@ def test_clicks_to_grid_is_exact_through_world_coordinates():
         ([[3, "a", 3]], "3 voxel indices"),
         ([[3, float("nan"), 3]], "3 voxel indices"),
         ([5], "3 voxel indices"),
+        (7, "a list of"),
+        ("[[1, 2", "a list of"),
     ],
 )
 def test_bad_clicks_are_refused_naming_label_and_click(anisotropic_image, clicks, message):

@@ -31,6 +31,7 @@ from custom_networks.synthetic_datasets import write_synthetic_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "brats_mri_tumour_segmentation"
+INTERACTIVE = MODEL + "_interactive"  # its click-guided (DeepEdit-style) variant
 OVERRIDES = {"patch_size": [32, 32, 32], "network_def#channels": [8, 16], "num_workers": 0, "cache_rate": 0.0}
 SLICER = {"result_extension": ".nrrd", "result_dtype": "uint8"}  # what the Slicer plugin asks for
 TUMOUR = [{"name": "tumour_core", "idx": 3}]  # a Slicer segment order that differs from the model's
@@ -143,7 +144,12 @@ def _still_serving(server):
 
 def test_info_lists_every_bundle_with_its_options(server):
     info = server["client"].info()
-    assert set(info["models"]) == {"brats_mri_tumour_segmentation", "spider_mri_spine_segmentation", "mmwhs_mri_heart_segmentation"}
+    bundles = {"brats_mri_tumour_segmentation", "spider_mri_spine_segmentation", "mmwhs_mri_heart_segmentation"}
+    assert set(info["models"]) == bundles | {b + "_interactive" for b in bundles}
+    assert {m["type"] for m in info["models"].values()} == {"segmentation", "deepedit"}
+    interactive = info["models"][INTERACTIVE]
+    assert interactive["type"] == "deepedit" and interactive["labels"] == {"background": 0, "tumour_core": 1}
+    assert interactive["config"]["spacing_mode"][0] == "clamp" and interactive["trained"] is False
     model = info["models"][MODEL]
     assert model["labels"] == {"tumour_core": 1}
     assert model["config"]["spacing_mode"][0] == "clamp" and set(model["config"]["spacing_mode"]) == {"clamp", "native", "target", "auto"}
@@ -201,8 +207,8 @@ def test_activelearning_returns_unlabelled_images(server):
     assert status == 404 and "no strategy 'smartest'" in msg
 
 
-def _train(client, params, timeout=300) -> dict:
-    client.train_start(MODEL, params)
+def _train(client, params, timeout=300, model=MODEL) -> dict:
+    client.train_start(model, params)
     deadline = time.time() + timeout
     while time.time() < deadline:
         status = client.train_status()
@@ -280,6 +286,36 @@ def test_annotate_train_and_segment(server):
     result, _ = client.infer(MODEL, "thick", {"spacing_mode": "native", **SLICER})
     _assert_same_geometry(result, os.path.join(studies, "thick.nrrd"))
     assert open(server["log"]).read().count("Loaded checkpoint") == loads + 1
+
+
+def test_interactive_model_trains_then_segments_and_refines_with_clicks(server):
+    """DeepEdit-style: train on the saved labels with simulated clicks, then an automatic result
+    (no clicks) and a click request on the thick-slice NRRD, both on the input's own grid."""
+    client, studies = server["client"], server["studies"]
+    done = _train(client, {"max_epochs": 2, "val_interval": 1, "train_batch_size": 2, "learning_rate": 0.003}, model=INTERACTIVE)
+    assert done["status"] == "DONE", "\n".join(done.get("details", []))
+    checkpoint = os.path.join(server["model_dir"], f"{INTERACTIVE}.pt")
+    assert os.path.isfile(checkpoint) and client.info()["models"][INTERACTIVE]["trained"] is True
+
+    image = os.path.join(studies, "thick.nrrd")  # 0.8 x 0.8 x 5 mm
+    size = _geometry(image)[0]
+    options = {"spacing_mode": "target", "target_spacing_mm": "2", **SLICER}
+    result, auto = client.infer(INTERACTIVE, "thick", options)
+    _assert_same_geometry(result, image)
+    assert auto["clicks"] == {"background": 0, "tumour_core": 0}
+    np.testing.assert_allclose(auto["working_spacing_mm"], [2.0, 2.0, 2.0])
+    # clicks as the Slicer plugin sends them: voxel indices [i, j, k] of the image, per label name
+    clicks = {"tumour_core": [[size[0] // 2, size[1] // 2, size[2] // 2]], "background": [[5, 5, 1], [size[0] - 5, 10, 2]]}
+    result, refined = client.infer(INTERACTIVE, "thick", {**options, **clicks})
+    label = _assert_same_geometry(result, image)
+    assert label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1}
+    assert refined["clicks"] == {"background": 2, "tumour_core": 1}
+
+    for bad, words in (({"tumour_core": [[size[0] + 40, 3, 3]]}, "lies outside the image"),
+                       ({"background": [[1, 2]]}, "must be 3 voxel indices")):
+        status, msg = _error(client.infer, INTERACTIVE, "thick", {**options, **bad})
+        assert status == 400 and words in msg, msg
+    _still_serving(server)
 
 
 def test_training_with_a_label_of_unknown_segments_fails_with_its_name(server):

@@ -1,3 +1,3 @@
-from .hyperspace import HyperSpaceConfig, discover_bundles
+from .hyperspace import INTERACTIVE_SUFFIX, HyperSpaceConfig, discover_bundles, has_interactive_variant
 
-__all__ = ["HyperSpaceConfig", "discover_bundles"]
+__all__ = ["INTERACTIVE_SUFFIX", "HyperSpaceConfig", "discover_bundles", "has_interactive_variant"]

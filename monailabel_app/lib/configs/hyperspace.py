@@ -2,7 +2,9 @@
 
 The bundle's own configs stay the one source of truth: the infer task takes its preprocessing,
 sliding-window inferer and network from ``configs/inference.json``, the train task runs
-``configs/train.json``. Nothing is copied out of the bundle.
+``configs/train.json``. Nothing is copied out of the bundle. The click-guided variant of a bundle
+(DeepEdit-style) is the same with the bundle's ``inference_interactive.json`` and
+``train_interactive.json`` overrides on top.
 """
 
 from __future__ import annotations
@@ -15,10 +17,17 @@ import torch
 from monai.bundle import ConfigParser
 from monailabel.interfaces.config import TaskConfig
 
-from ..infers import HyperSpaceSegmentation
+from ..infers import HyperSpaceInteractive, HyperSpaceSegmentation
 from ..trainers import HyperSpaceTrain
 
 REQUIRED_CONFIGS = ("metadata.json", "inference.json", "train.json")
+# the overrides of a bundle's click-guided variant, per base config
+INTERACTIVE_CONFIGS = {"inference.json": "inference_interactive.json", "train.json": "train_interactive.json"}
+INTERACTIVE_SUFFIX = "_interactive"
+
+
+def has_interactive_variant(bundle_path: str) -> bool:
+    return all(os.path.isfile(os.path.join(bundle_path, "configs", c)) for c in INTERACTIVE_CONFIGS.values())
 
 
 def discover_bundles(bundles_dir: str, models: str = "all") -> dict[str, str]:
@@ -62,10 +71,21 @@ class HyperSpaceConfig(TaskConfig):
       ``<model_dir>/<bundle name>.pt`` when the app is started with ``--conf model_dir``.
     """
 
-    def init(self, name: str, model_dir: str | None, conf: dict, planner: Any, bundle_path: str = "", overrides: dict | None = None, **kwargs):
+    def init(
+        self,
+        name: str,
+        model_dir: str | None,
+        conf: dict,
+        planner: Any,
+        bundle_path: str = "",
+        overrides: dict | None = None,
+        interactive: bool = False,
+        **kwargs,
+    ):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.bundle_path = os.path.abspath(bundle_path)
         self.overrides = dict(overrides or {})
+        self.interactive = bool(interactive)
         with open(os.path.join(self.bundle_path, "configs", "metadata.json")) as f:
             self.metadata = json.load(f)
         parser = self.parser("inference.json")
@@ -77,10 +97,15 @@ class HyperSpaceConfig(TaskConfig):
     def config_file(self, name: str) -> str:
         return os.path.join(self.bundle_path, "configs", name)
 
+    def config_files(self, name: str) -> list[str]:
+        """``name`` (``inference.json`` or ``train.json``) and, for the click-guided variant, its override."""
+        names = [name] + ([INTERACTIVE_CONFIGS[name]] if self.interactive and name in INTERACTIVE_CONFIGS else [])
+        return [self.config_file(n) for n in names]
+
     def parser(self, config: str, **overrides: Any) -> ConfigParser:
         """A fresh parser of one of the bundle's configs, with the app-wide and the given overrides."""
         parser = ConfigParser()
-        parser.read_config(self.config_file(config))
+        parser.read_config(self.config_files(config))
         parser.read_meta(self.config_file("metadata.json"))
         parser.update({"bundle_root": self.bundle_path, **self.overrides, **overrides})
         return parser
@@ -93,8 +118,13 @@ class HyperSpaceConfig(TaskConfig):
     def description(self) -> str:
         return self.metadata.get("description", self.name)
 
+    @property
+    def in_channels(self) -> int:
+        """Image channels plus, for the click-guided variant, one guidance channel per label."""
+        return int(self.parser("inference.json").get_parsed_content("network_def#in_channels"))
+
     def infer(self) -> HyperSpaceSegmentation:
-        return HyperSpaceSegmentation(self)
+        return HyperSpaceInteractive(self) if self.interactive else HyperSpaceSegmentation(self)
 
     def trainer(self) -> HyperSpaceTrain:
         return HyperSpaceTrain(self)

@@ -1,3 +1,3 @@
-from .hyperspace import SPACING_MODES, HyperSpaceSegmentation
+from .hyperspace import SPACING_MODES, HyperSpaceInteractive, HyperSpaceSegmentation
 
-__all__ = ["SPACING_MODES", "HyperSpaceSegmentation"]
+__all__ = ["SPACING_MODES", "HyperSpaceInteractive", "HyperSpaceSegmentation"]

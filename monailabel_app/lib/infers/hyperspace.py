@@ -23,6 +23,7 @@ prediction it planned with.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -37,6 +38,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import name_to_device
 
 from custom_networks.cost import BudgetSpacing, InferenceCost
+from custom_networks.interactive import ClickError
 from custom_networks.profiling import measure
 from custom_networks.spacing import parse_spacing
 
@@ -84,19 +86,22 @@ class HyperSpaceSegmentation(BasicInferTask):
         memory_budget_gb, time_budget_s: the default budgets of ``auto``.
     """
 
+    infer_type = InferType.SEGMENTATION
+
     def __init__(self, bundle: "HyperSpaceConfig", default_target_mm: float = 1.5, memory_budget_gb: float = 8.0, time_budget_s: float = 20.0):
         self.bundle = bundle
         self.trained_range = bundle.spec.spacing_range
         parser = bundle.parser("inference.json")
         inferer = parser.get_parsed_content("inferer")
+        self.in_channels = int(parser.get_parsed_content("network_def#in_channels"))
         target = self.trained_range.clamp([default_target_mm] * self.trained_range.spatial_dims)
         super().__init__(
             path=bundle.path,
             network=None,
-            type=InferType.SEGMENTATION,
-            labels=bundle.labels,
+            type=self.infer_type,
+            labels=self.task_labels(),
             dimension=3,
-            description=f"{bundle.description} Trained on spacings {self.trained_range.to_string()} mm.",
+            description=f"{self.describe()} Trained on spacings {self.trained_range.to_string()} mm.",
             roi_size=tuple(inferer.roi_size),
             config={
                 "spacing_mode": list(SPACING_MODES),
@@ -111,6 +116,13 @@ class HyperSpaceSegmentation(BasicInferTask):
         self._costs: dict[str, tuple[float, InferenceCost]] = {}
 
     # --- what /info shows ---------------------------------------------------------------------
+    def task_labels(self) -> dict[str, int]:
+        """Structure name -> class index, background left out (MONAI Label's convention)."""
+        return self.bundle.labels
+
+    def describe(self) -> str:
+        return self.bundle.description
+
     def is_valid(self) -> bool:
         # always listed: an untrained model is still trainable from Slicer, and /info says so
         return True
@@ -175,6 +187,11 @@ class HyperSpaceSegmentation(BasicInferTask):
         except HTTPException:
             raise
         except Exception as e:
+            cause = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            if isinstance(cause, ClickError):
+                raise HTTPException(400, str(cause)) from None
             raise HTTPException(422, f"image {data.get('image_path') or data.get('image')!r} could not be read or prepared: {_root_message(e)}") from e
 
     def inferer(self, data=None):
@@ -273,6 +290,34 @@ class HyperSpaceSegmentation(BasicInferTask):
             if cached and cached[0] == mtime:
                 return cached[1]
             spacing = self.trained_range.clamp([1.5] * self.trained_range.spatial_dims)
-            cost = InferenceCost.calibrate(network, self.roi_size, self.overlap, 1, self.bundle.spec.num_classes, spacing, device)
+            cost = InferenceCost.calibrate(network, self.roi_size, self.overlap, self.in_channels, self.bundle.spec.num_classes, spacing, device)
             self._costs[device] = (mtime, cost)
             return cost
+
+
+class HyperSpaceInteractive(HyperSpaceSegmentation):
+    """Click-guided segmentation (MONAI Label's ``deepedit`` type) with the same spacing options.
+
+    Without clicks the model segments on its own; with clicks it refines. Clicks arrive as in
+    MONAI's DeepEdit: one request entry per label name (background included) holding ``[[i, j, k],
+    ...]``, voxel indices of the image as stored, e.g. ``{"tumour_core": [[120, 98, 77]],
+    "background": [[40, 60, 70]]}``. They are mapped exactly onto the working grid and drawn as
+    Gaussians of a fixed width in mm (:class:`custom_networks.interactive.ClickGuidanced`), so a
+    click means the same at every working spacing. A click that is not three numbers or lies
+    outside the image is an HTTP 400 naming it. The result's JSON adds ``clicks`` (number per label).
+    """
+
+    infer_type = InferType.DEEPEDIT
+
+    def task_labels(self) -> dict[str, int]:
+        # DeepEdit's convention: background is a label too, it takes clicks
+        return dict(self.bundle.spec.label_names)
+
+    def describe(self) -> str:
+        return f"Click-guided (DeepEdit-style): {self.bundle.description} No clicks: automatic segmentation; clicks refine it."
+
+    def writer(self, data: dict, extension=None, dtype=None):
+        label, result = super().writer(data, extension, dtype)
+        guidance = data.get("guidance") or {}
+        result["clicks"] = {name: len(json.loads(g) if isinstance(g, str) else g) for name, g in guidance.items()}
+        return label, result

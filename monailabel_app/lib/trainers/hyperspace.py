@@ -55,12 +55,14 @@ class HyperSpaceTrain(TrainTask):
     """Train a bundle's HyperSpace model on the labelled images of the datastore."""
 
     def __init__(self, bundle: "HyperSpaceConfig"):
-        super().__init__(f"Fine-tune {bundle.name} on the labelled images, with random-spacing patches.")
+        clicks = ", with DeepEdit's simulated clicks" if bundle.interactive else ""
+        super().__init__(f"Fine-tune {bundle.name} on the labelled images, with random-spacing patches{clicks}.")
         self.bundle = bundle
         parser = bundle.parser("train.json")
         self.defaults = {k: parser.get_parsed_content(k) for k in ("epochs", "learning_rate", "val_interval", "batch_size")}
         out = os.path.dirname(bundle.path)
-        self.output_dir = os.path.join(out, f"{bundle.name}_train") if bundle.model_dir else os.path.join(bundle.bundle_path, "eval")
+        eval_dir = "eval_interactive" if bundle.interactive else "eval"
+        self.output_dir = os.path.join(out, f"{bundle.name}_train") if bundle.model_dir else os.path.join(bundle.bundle_path, eval_dir)
         self.stats_path = os.path.join(self.output_dir, "train_stats.json")
 
     def config(self) -> dict[str, Any]:
@@ -172,7 +174,7 @@ class HyperSpaceTrain(TrainTask):
         }
         logger.info(f"Training {self.bundle.name} on {len(train)} image(s), validating on {len(val)}; options {options}")
         workflow = ConfigWorkflow(
-            config_file=self.bundle.config_file("train.json"),
+            config_file=self.bundle.config_files("train.json"),
             meta_file=self.bundle.config_file("metadata.json"),
             logging_file=self.bundle.config_file("logging.conf"),
             run_id="training",
