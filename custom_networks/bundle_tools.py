@@ -65,7 +65,7 @@ REPO_SCHEMA = Path(__file__).resolve().parents[1] / "bundles" / SCHEMA_NAME
 PACKED_SCHEMA = Path("configs") / SCHEMA_NAME
 SPACING_FORMAT = "spacing_mm"
 # left out of a packed bundle: evaluation outputs, TensorBoard runs, caches
-PACK_EXCLUDE_DIRS = frozenset({"eval", "runs", "__pycache__", "dist"})
+PACK_EXCLUDE_DIRS = frozenset({"eval", "eval_interactive", "runs", "__pycache__", "dist"})
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 

@@ -51,6 +51,13 @@ __all__ = [
 ]
 
 
+def _checked_label_names(label_names: Mapping[str, int] | None) -> dict[str, int]:
+    names = dict(label_names or {})
+    if list(names)[:1] != ["background"]:
+        raise ValueError(f"label_names must map names to class indices, background first; got {label_names!r}.")
+    return names
+
+
 class ClickError(ValueError):
     """A click that is not ``D`` voxel indices of the image, or lies outside it."""
 
@@ -159,9 +166,7 @@ class InitialClickGuidanced(Randomizable, MapTransform):
         number_intensity_ch: int = 1,
     ):
         super().__init__(keys)
-        if not label_names:
-            raise ValueError("label_names ({name: class index}, background first) is required.")
-        self.label_names = dict(label_names)
+        self.label_names = _checked_label_names(label_names)
         self.guidance = guidance
         self.find_slices = FindAllValidSlicesDeepEditd(keys="label", sids="sids")
         self.seed = AddInitialSeedPointDeepEditd(keys="label", guidance=guidance, sids="sids")
@@ -287,9 +292,7 @@ class ClickGuidanced(MapTransform):
         number_intensity_ch: int = 1,
     ):
         super().__init__(keys)
-        if not label_names:
-            raise ValueError("label_names ({name: class index}, background first) is required.")
-        self.label_names = dict(label_names)
+        self.label_names = _checked_label_names(label_names)
         self.guidance = guidance
         self.signal = AddGuidanceSignalMMd(keys, guidance, sigma_mm, spacing_key, number_intensity_ch, label_names=self.label_names)
 

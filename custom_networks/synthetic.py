@@ -24,6 +24,7 @@ __all__ = [
 
 SMALL_RADIUS_MM = 2.5  # background balls
 LARGE_RADIUS_MM = 5.0  # foreground balls (label 1)
+DEFAULT_SPACINGS = ((1.0, 1.0, 1.0), (1.5, 1.5, 1.5), (2.0, 2.0, 2.0), (1.0, 1.0, 2.0), (2.5, 2.5, 2.5), (1.2, 1.2, 1.2))  # mm
 
 
 def render_balls(
@@ -68,7 +69,7 @@ def ball_patch(spacing: Sequence[float], patch_size: Sequence[int], large: bool,
 
 def write_size_task_dataset(
     out_dir: str,
-    spacings: Sequence[Sequence[float]] = ((1.0, 1.0, 1.0), (1.5, 1.5, 1.5), (2.0, 2.0, 2.0), (1.0, 1.0, 2.0), (2.5, 2.5, 2.5), (1.2, 1.2, 1.2)),
+    spacings: Sequence[Sequence[float]] = DEFAULT_SPACINGS,
     extent_mm: float = 48.0,
     balls_per_kind: int = 3,
     seed: int = 0,
@@ -87,7 +88,7 @@ def write_size_task_dataset(
 
 def write_click_task_dataset(
     out_dir: str,
-    spacings: Sequence[Sequence[float]] = ((1.0, 1.0, 1.0), (1.5, 1.5, 1.5), (2.0, 2.0, 2.0), (1.0, 1.0, 2.0), (2.5, 2.5, 2.5), (1.2, 1.2, 1.2)),
+    spacings: Sequence[Sequence[float]] = DEFAULT_SPACINGS,
     extent_mm: float = 48.0,
     balls_per_kind: int = 3,
     seed: int = 0,
