@@ -1,0 +1,215 @@
+"""Fast inference for generated UNets: weights once per spacing, a compiled forward, shape buckets.
+
+:class:`UNetEngine` wraps a :class:`~custom_networks.hyperspace.HyperUNet` (or a
+:class:`~custom_networks.unet.PlainUNet` baseline) for inference:
+
+- the weights for a spacing are generated once and kept (the HyperUNet's own per-spacing cache);
+  they are copied into one resident UNet only when the spacing changes, so the hypernetwork costs
+  nothing on a cache hit;
+- that UNet's forward goes through ``torch.compile`` (fusing the InstanceNorm + ReLU passes that
+  eager PyTorch runs one by one) under bf16 autocast on CUDA;
+- inputs are zero-padded to a few shape buckets (multiples of ``bucket`` voxels per axis), so a
+  server that sees many image sizes compiles once per bucket, not once per size.
+
+Padding must not change the answer. A plain zero pad would: InstanceNorm statistics would include
+the padding and the convolutions at the border would see its activations. The bucketed forward
+therefore carries a mask of the real voxels per resolution level, takes the InstanceNorm
+statistics over the real voxels only and zeroes the padding after every block, which reproduces
+the unpadded forward exactly (up to float rounding); the padding is cropped off the output.
+
+Without CUDA (``compile="auto"``) or with ``compile=False`` the UNet runs its plain eager forward
+on the unpadded input; if compilation fails (no C++ compiler for the CPU backend, an unsupported
+platform) the engine logs a warning and falls back to that, with the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .hyperspace import HyperUNet
+from .spacing import as_spacing_tensor
+from .unet import PlainUNet
+
+__all__ = ["UNetEngine", "bucket_shape", "masked_unet_forward"]
+
+logger = logging.getLogger(__name__)
+
+
+def bucket_shape(shape: Sequence[int], bucket: int) -> tuple[int, ...]:
+    """``shape`` rounded up per axis to a multiple of ``bucket`` voxels."""
+    return tuple(-(-int(s) // bucket) * bucket for s in shape)
+
+
+def _level_masks(valid: Sequence[int], padded: Sequence[int], levels: int, device) -> list[torch.Tensor]:
+    """``(1, 1, *padded_l)`` float masks of the real voxels at each resolution level.
+
+    A stride-2 convolution (kernel 3, padding 1) maps ``n`` voxels to ``ceil(n / 2)``, so level
+    ``l`` holds ``ceil(n / 2**l)`` real voxels of ``padded / 2**l``.
+    """
+    masks = []
+    for level in range(levels):
+        n = [math.ceil(v / 2**level) for v in valid]
+        p = [s // 2**level for s in padded]
+        m = torch.zeros((1, 1, *p), device=device)
+        m[(slice(None), slice(None), *[slice(0, k) for k in n])] = 1.0
+        masks.append(m)
+    return masks
+
+
+def _masked_block(block: nn.Sequential, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """conv -> ReLU -> InstanceNorm over the real voxels only -> padding zeroed."""
+    conv, _, norm = block
+    y = torch.relu(conv(x))
+    dtype = y.dtype
+    y = y.float()  # statistics in float32, as autocast runs InstanceNorm
+    dims = tuple(range(2, y.dim()))
+    count = mask.sum()
+    mean = (y * mask).sum(dims, keepdim=True) / count
+    var = (((y - mean) * mask) ** 2).sum(dims, keepdim=True) / count
+    y = (y - mean) * torch.rsqrt(var + norm.eps)
+    shape = (1, -1) + (1,) * len(dims)
+    return ((y * norm.weight.view(shape) + norm.bias.view(shape)) * mask).to(dtype)
+
+
+def masked_unet_forward(unet: PlainUNet, x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    """:class:`PlainUNet`'s forward on a zero-padded input, equal to the unpadded forward on the real voxels.
+
+    Args:
+        unet: the network (its ``down`` levels, ``up`` levels and ``head``).
+        x: ``(B, C, *padded)``, real voxels first on every axis, zeros after; ``padded`` a
+            multiple of the layout's divisor.
+        masks: :func:`_level_masks` for the real and the padded shape.
+
+    Returns:
+        ``(B, out_channels, *padded)`` logits; crop to the real shape.
+    """
+    skips = []
+    for level, blocks in enumerate(unet.down):
+        for block in blocks:
+            x = _masked_block(block, x, masks[level])
+        skips.append(x)
+    level = len(skips) - 2
+    for up in unet.up:
+        x = torch.cat([up.up(x) * masks[level], skips[level]], dim=1)
+        for block in up.convs:
+            x = _masked_block(block, x, masks[level])
+        level -= 1
+    return unet.head(x)
+
+
+class UNetEngine(nn.Module):
+    """Inference engine for a HyperUNet (or a PlainUNet): cached weights, compiled, bucketed.
+
+    ``engine(x, spacing)`` returns what ``network(x, spacing)`` returns (float32 logits, same
+    shape), so it drops into MONAI inferers and the bundles' evaluator in place of the network.
+    Inference only: with gradients enabled it calls the network itself.
+
+    Args:
+        network: the trained network; the engine reads its weights at every call, so a
+            checkpoint loaded into it later is picked up (the weight cache is invalidated).
+        compile: ``True``, ``False`` or ``"auto"`` (compile on CUDA only).
+        amp: bf16 autocast; ``None``: on CUDA only.
+        bucket: inputs are padded to multiples of this many voxels per axis (rounded up to a
+            multiple of the layout's divisor); ``1``: no bucketing beyond the divisor.
+        backend, mode: passed to ``torch.compile``.
+
+    Shapes:
+        ``x`` is ``(B, in_channels, *spatial)``; ``spacing`` is ``(B, D)`` mm (one spacing per
+        call is the fast path; several are run group by group).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        compile: bool | str = "auto",
+        amp: bool | None = None,
+        bucket: int = 16,
+        backend: str = "inductor",
+        mode: str | None = None,
+    ):
+        super().__init__()
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile must be true, false or 'auto', got {compile!r}.")
+        if int(bucket) < 1:
+            raise ValueError(f"bucket must be a positive number of voxels, got {bucket!r}.")
+        self.network = network
+        self.layout = network.layout
+        self.compile_mode = compile
+        self.amp = amp
+        self.bucket = math.lcm(int(bucket), int(self.layout.divisor))
+        self.backend, self.mode = backend, mode
+        self._runner: PlainUNet | None = None
+        self._loaded: tuple | None = None
+        self._compiled = None
+        self._compile_failed = False
+        self._lock = threading.Lock()
+
+    @property
+    def compiling(self) -> bool:
+        """Whether calls on CUDA (``"auto"``) or on any device (``True``) take the compiled path;
+        false after a compilation failure."""
+        return self.compile_mode is not False and not self._compile_failed
+
+    def _run(self, runner: PlainUNet, x: torch.Tensor) -> torch.Tensor:
+        """``runner(x)``: compiled and bucketed where configured, else the plain eager forward."""
+        if self.compiling and (self.compile_mode is True or x.device.type == "cuda"):
+            valid = tuple(x.shape[2:])
+            padded = bucket_shape(valid, self.bucket)
+            pad = [v for s, p in zip(reversed(valid), reversed(padded)) for v in (0, p - s)]
+            masks = _level_masks(valid, padded, self.layout.levels, x.device)
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(masked_unet_forward, backend=self.backend, mode=self.mode, dynamic=False)
+                y = self._compiled(runner, F.pad(x, pad) if any(pad) else x, masks)
+                return y[(slice(None), slice(None), *[slice(0, v) for v in valid])]
+            except Exception as e:  # raised on the first call of each bucket, when it compiles
+                self._compile_failed = True
+                first = str(e).splitlines()[0] if str(e) else ""
+                logger.warning(f"torch.compile failed ({type(e).__name__}: {first}); running eagerly from now on.")
+        return runner(x)
+
+    def _weights_for(self, spacing: torch.Tensor, device: torch.device) -> PlainUNet:
+        """The resident UNet holding the weights of ``spacing`` ``(D,)``."""
+        if isinstance(self.network, PlainUNet):
+            return self.network
+        if self._runner is None or next(self._runner.parameters()).device != device:
+            self._runner = PlainUNet(layout=self.layout).to(device).eval()
+            self._loaded = None
+        # the HyperUNet's cache: generated once per spacing, regenerated after a weight change
+        params = self.network._params_for(spacing[None])[0]
+        key = (tuple(spacing.tolist()), id(params))
+        if key != self._loaded:
+            for name, p in self._runner.named_parameters():
+                p.requires_grad_(False).copy_(params[name])
+            self._loaded = key
+        return self._runner
+
+    def forward(self, x: torch.Tensor, spacing=None) -> torch.Tensor:
+        if torch.is_grad_enabled() or self.network.training:
+            return self.network(x, spacing) if spacing is not None else self.network(x)
+        dims = self.layout.spatial_dims
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        amp = self.amp if self.amp is not None else x.device.type == "cuda"
+        if isinstance(self.network, HyperUNet):
+            spacing = as_spacing_tensor(spacing, x.shape[0], dims, device=x.device)
+            unique, inverse = torch.unique(spacing, dim=0, return_inverse=True)
+        else:
+            unique, inverse = torch.zeros(1, dims, device=x.device), torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        out = None
+        with self._lock, torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            for u in range(unique.shape[0]):
+                index = (inverse == u).nonzero().squeeze(1)
+                runner = self._weights_for(unique[u], x.device)
+                y = self._run(runner, x if unique.shape[0] == 1 else x.index_select(0, index)).float()
+                if unique.shape[0] == 1:
+                    return y
+                out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+                out = out.index_copy(0, index, y)
+        return out
