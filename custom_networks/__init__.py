@@ -11,6 +11,6 @@ from .layout import UNetLayout
 from .spacing import SPACING_POLICIES, SpacingRange, as_spacing_tensor, parse_spacing, working_spacing
 from .transforms import RandSpacingPatchd, SpacingPolicyd
 from .unet import PlainUNet
-from . import interactive  # noqa: E402  (click guidance: custom_networks.interactive.*)
+from . import fast, interactive  # noqa: E402  (custom_networks.fast.*, custom_networks.interactive.*)
 
 __version__ = "0.1.0"

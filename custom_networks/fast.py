@@ -37,7 +37,7 @@ from .hyperspace import HyperUNet
 from .spacing import as_spacing_tensor
 from .unet import PlainUNet
 
-__all__ = ["UNetEngine", "bucket_shape", "masked_unet_forward"]
+__all__ = ["UNetEngine", "bucket_shape", "compile_network", "masked_unet_forward"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,19 @@ def masked_unet_forward(unet: PlainUNet, x: torch.Tensor, masks: list[torch.Tens
             x = _masked_block(block, x, masks[level])
         level -= 1
     return unet.head(x)
+
+
+def compile_network(network: nn.Module, enabled: bool = True, **compile_kwargs) -> nn.Module:
+    """``network`` with its forward compiled in place (``nn.Module.compile``), for training.
+
+    In place, so that ``state_dict`` keys stay those of the network and checkpoints load into an
+    uncompiled one. (MONAI's ``SupervisedTrainer(compile=True)`` fails in MONAI 1.6 when it copies
+    collated MetaTensor metadata back onto the outputs.) The hypernetwork's Python-level grouping
+    by spacing stays outside the graph; the generated UNet's forward is traced.
+    """
+    if enabled:
+        network.compile(**compile_kwargs)
+    return network
 
 
 class UNetEngine(nn.Module):

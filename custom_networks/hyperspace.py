@@ -189,6 +189,8 @@ class HyperUNet(nn.Module):
                 f"{', '.join('S' * self.spatial_dims)}) for a {self.spatial_dims}D HyperUNet."
             )
         spacing = as_spacing_tensor(spacing, x.shape[0], self.spatial_dims, device=self.heads[0].weight.device)
+        if hasattr(x, "as_tensor"):  # a MONAI MetaTensor: its metadata has no use inside the network
+            x = x.as_tensor()
         unique, inverse = torch.unique(spacing, dim=0, return_inverse=True)
         params = self._params_for(unique)
         template = self._template[0]

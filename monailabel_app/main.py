@@ -12,6 +12,9 @@ Start (from the repository root, with the project's environment active)::
   default each bundle's own ``models/model.pt``, the file ``python -m monai.bundle run training`` writes.
 - ``bundle_overrides``: a JSON object of config overrides applied to every bundle's configs, as on
   the bundle command line, e.g. ``'{"patch_size": [64, 64, 64], "num_workers": 0}'``.
+- ``compile``: ``auto`` (default: ``torch.compile`` the generated UNets on CUDA), ``true``, ``false``.
+- ``warmup``: ``true`` loads every trained model at start-up and runs one window on the first
+  device, so that loading and compilation are paid before the first request (default ``false``).
 
 Each bundle is one model (its folder name) with a segmentation infer task and a train task, and,
 where the bundle has ``configs/*_interactive.json``, a click-guided model ``<bundle>_interactive``
@@ -24,6 +27,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+import time
 
 from fastapi import HTTPException
 from monailabel.config import settings
@@ -32,6 +37,7 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
+from monailabel.utils.others.generic import device_list, name_to_device
 
 import custom_networks
 from lib.configs import INTERACTIVE_SUFFIX, HyperSpaceConfig, discover_bundles, has_interactive_variant
@@ -73,7 +79,17 @@ class HyperSpaceApp(MONAILabelApp):
         )
 
     def init_infers(self):
-        return {name: config.infer() for name, config in self.models.items()}
+        infers = {name: config.infer() for name, config in self.models.items()}
+        # MONAI Label runs each training in a subprocess that builds the app again
+        # (``python -m monailabel.interfaces.utils.app``): warm up in the server only
+        in_server = not any("monailabel/interfaces/utils/app" in a.replace(os.sep, "/") for a in sys.argv[:1])
+        if in_server and str(self.conf.get("warmup", "false")).strip().lower() in ("true", "1", "yes"):
+            device = name_to_device(device_list()[0])
+            for name, task in infers.items():
+                started = time.time()
+                if task.warmup(device):
+                    logger.info(f"Warmed up {name} on {device} in {time.time() - started:.1f} s")
+        return infers
 
     def init_trainers(self):
         return {name: config.trainer() for name, config in self.models.items()}

@@ -34,3 +34,13 @@ def test_bench_monailabel_sends_requests_through_the_real_server():
     assert re.search(r"\| target:3 \| 3x3x3 \| \d+x\d+x\d+ \| (patch|whole) \| [\d.]+ s \| nan s \| [\d.]+ s \| - \| [\d.]+ GB \(cpu_rss\) \|", out), out
     assert re.search(r"\| auto:5 \| [\d.x]+ \| [\dx]+ \| (patch|whole) \|", out), out
     assert "image 40x40x24 at 1 mm" in out
+
+
+def test_bench_inference_prints_end_to_end_peer_and_training_tables():
+    out = _run("benchmarks/bench_inference.py", "--device", "cpu", "--spacings", "[16]", "--channels", "[4,8]", "--shrink_peers", "8",
+               "--repeats", "1", "--train_steps", "1", "--patch", "16", "--workers", "0", "--backend", "aot_eager",
+               "--field_mm", "[64,64,64]")  # DynUNet needs 64 voxels for a 2^3 bottleneck
+    assert re.search(r"\| 16 \| 8x8x8 \| [\d.e-]+ s, [\d.]+ GiB \| [\d.e-]+ s, [\d.]+ GiB \| [\d.e-]+ s, [\d.]+ GiB \| [\d.e-]+ s, [\d.]+ GiB \| [\d.]+ \|", out), out
+    for peer in ("nnU-Net-like, 128^3 windows", "nnU-Net-like, 128^3 windows + mirroring", "SegResNet (BraTS bundle), one window"):
+        assert re.search(rf"\| {re.escape(peer)} \| [\d.e-]+ s \|", out), out
+    assert re.search(r"real input path / data on the device: [\d.]+", out), out

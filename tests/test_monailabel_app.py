@@ -80,7 +80,7 @@ def server(tmp_path_factory):
     port = _free_port()
     # the README's command, plus where to keep checkpoints and the CPU-sized overrides
     cmd = [sys.executable, *README_COMMAND.replace("/path/to/images", studies).split()[1:],
-           "--conf", "model_dir", model_dir, "--conf", "bundle_overrides", json.dumps(OVERRIDES),
+           "--conf", "model_dir", model_dir, "--conf", "bundle_overrides", json.dumps(OVERRIDES), "--conf", "warmup", "true",
            "--host", "127.0.0.1", "--port", str(port)]
     log_path = os.path.join(root, "server.log")
     log = open(log_path, "w")

@@ -59,6 +59,15 @@ def discover_bundles(bundles_dir: str, models: str = "all") -> dict[str, str]:
     return {m: available[m] for m in wanted}
 
 
+def _compile_option(value) -> bool | str:
+    """``--conf compile``: ``auto`` (compile on CUDA only), ``true`` or ``false``."""
+    text = str(value).strip().lower()
+    options = {"auto": "auto", "true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if text not in options:
+        raise ValueError(f"--conf compile {value!r} must be auto, true or false.")
+    return options[text]
+
+
 class HyperSpaceConfig(TaskConfig):
     """A HyperSpace bundle served by the app.
 
@@ -86,6 +95,7 @@ class HyperSpaceConfig(TaskConfig):
         self.bundle_path = os.path.abspath(bundle_path)
         self.overrides = dict(overrides or {})
         self.interactive = bool(interactive)
+        self.compile = _compile_option((conf or {}).get("compile", "auto"))
         with open(os.path.join(self.bundle_path, "configs", "metadata.json")) as f:
             self.metadata = json.load(f)
         parser = self.parser("inference.json")

@@ -38,6 +38,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import name_to_device
 
 from custom_networks.cost import BudgetSpacing, InferenceCost
+from custom_networks.fast import UNetEngine
 from custom_networks.interactive import ClickError
 from custom_networks.profiling import measure
 from custom_networks.spacing import parse_spacing
@@ -276,10 +277,25 @@ class HyperSpaceSegmentation(BasicInferTask):
             except RuntimeError as e:
                 raise HTTPException(409, f"checkpoint {path} does not fit bundle '{self.bundle.name}': {str(e).splitlines()[0]}") from None
             network.eval()
-            logger.info(f"Loaded checkpoint {path} for {self.bundle.name} on {device}")
+            # cached weights per spacing, and on CUDA a compiled bf16 forward (--conf compile)
+            network = UNetEngine(network, compile=self.bundle.compile)
+            logger.info(f"Loaded checkpoint {path} for {self.bundle.name} on {device} (compile: {self.bundle.compile})")
             self._networks[device] = (network, mtime)
             self._costs.pop(device, None)
             return network
+
+    def warmup(self, device: str | torch.device) -> bool:
+        """Load the checkpoint and run one sliding window, paying a compilation at start-up.
+
+        Returns False (and does nothing) when the model has no checkpoint yet.
+        """
+        if not self.trained:
+            return False
+        network = self._get_network(device, None)
+        spacing = self.trained_range.clamp([1.5] * self.trained_range.spatial_dims)
+        with torch.no_grad():
+            network(torch.zeros(1, self.in_channels, *self.roi_size, device=device), torch.tensor([spacing], device=device))
+        return True
 
     def cost(self, device: str) -> InferenceCost:
         """The cost model of this network on ``device``, calibrated once per checkpoint."""
