@@ -174,6 +174,7 @@ def main(device: str | None = None, spacings=(1.0, 1.5, 2.0, 3.0), repeats: int 
          backend: str = "inductor", field_mm=FIELD_MM):
     """Print the tables; see the module docstring. ``channels``, ``shrink_peers``, ``field_mm``: smaller runs."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    peers = peers if isinstance(peers, bool) else str(peers).strip().lower() in ("true", "1", "yes")  # "--peers false"
     amp = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; bf16 autocast: {amp}; compile backend: {backend}")

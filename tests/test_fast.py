@@ -124,3 +124,17 @@ def test_bad_options_are_refused(net):
         UNetEngine(net, compile="yes")
     with pytest.raises(ValueError, match="bucket"):
         UNetEngine(net, bucket=0)
+
+
+def test_compile_network_for_training_keeps_checkpoint_keys_and_numbers(net):
+    from custom_networks.fast import compile_network
+
+    x, s = torch.randn(2, 1, 16, 16, 16), torch.tensor([SPACINGS[0]] * 2)
+    net.train()
+    expected = net(x, s)
+    keys = list(net.state_dict())
+    compiled = compile_network(net, True, backend="aot_eager")
+    assert compiled is net and list(net.state_dict()) == keys  # checkpoints load into an uncompiled network
+    torch.testing.assert_close(net(x, s), expected, atol=1e-4, rtol=1e-4)
+    net(x, s).sum().backward()
+    assert all(p.grad is not None for p in net.heads.parameters())
