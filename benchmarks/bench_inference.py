@@ -38,23 +38,9 @@ from monai.transforms import Compose, Invertd, NormalizeIntensityd
 
 from custom_networks import HyperUNet, PrepareBatchSpacing, RandSpacingPatchd, SpacingPolicyd, SpacingSlidingWindowInferer
 from custom_networks.fast import UNetEngine
-from custom_networks.profiling import measure
+from custom_networks.profiling import best_of
 
 FIELD_MM = (240.0, 240.0, 155.0)
-
-
-def _timed(fn, device, repeats: int):
-    """Fastest of ``repeats`` calls after one warm-up (compilation, allocator), and the peak memory they added."""
-    fn()
-    times = []
-    with measure(device, interval=0.002) as m:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return min(times), m.added_bytes
 
 
 def _image(spacing: float, device, field_mm=FIELD_MM) -> MetaTensor:
@@ -190,7 +176,7 @@ def main(device: str | None = None, spacings=(1.0, 1.5, 2.0, 3.0), repeats: int 
         cells, results = [], {}
         for method, fixed in (("HS", None), ("FS", 1.0)):
             for kind, engine in engines.items():
-                results[method, kind] = _timed(_pipeline(engine, image, fixed, device), device, repeats)
+                results[method, kind] = best_of(_pipeline(engine, image, fixed, device), device, repeats)
                 t, m = results[method, kind]
                 cells.append(f"{t:.3g} s, {m / 2**30:.2f} GiB")
         (t_hs, m_hs), (t_fs, m_fs) = results["HS", "compiled"], results["FS", "compiled"]
@@ -203,7 +189,7 @@ def main(device: str | None = None, spacings=(1.0, 1.5, 2.0, 3.0), repeats: int 
         print("| network | time | peak memory added |")
         print("|---|---|---|")
         for label, run in _peer_runs(device, amp, vox, int(shrink_peers)).items():
-            t, m = _timed(run, device, repeats)
+            t, m = best_of(run, device, repeats)
             print(f"| {label} | {t:.3g} s | {m / 2**30:.2f} GiB |")
 
     if train_steps > 0:

@@ -14,29 +14,14 @@ from __future__ import annotations
 
 import math
 import platform
-import time
 
 import fire
 import torch
 
 from custom_networks import HyperUNet, PlainUNet
-from custom_networks.profiling import measure
+from custom_networks.profiling import best_of
 
 FIELD_MM = (240.0, 240.0, 155.0)
-
-
-def _measure(fn, device, repeats):
-    """Fastest of ``repeats`` calls, and the peak memory they added (CUDA allocator, or process RSS on CPU)."""
-    fn()  # warm-up: allocator, kernels, cached weights
-    times = []
-    with measure(device, interval=0.002) as m:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return min(times), m.added_bytes
 
 
 def main(device: str | None = None, spacings=(1.0, 1.5, 2.0, 3.0), repeats: int = 3, patch: int = 128, amp: bool | None = None):
@@ -67,8 +52,8 @@ def main(device: str | None = None, spacings=(1.0, 1.5, 2.0, 3.0), repeats: int 
                     net(x, spacing)
             return fn
 
-        t_plain, m_plain = _measure(run(plain), device, repeats)
-        t_hyper, m_hyper = _measure(run(hyper), device, repeats)
+        t_plain, m_plain = best_of(run(plain), device, repeats)
+        t_hyper, m_hyper = best_of(run(hyper), device, repeats)
         print(f"| {s:g} | {'x'.join(map(str, shape))} | {t_plain * 1e3:.1f} ms | {t_hyper * 1e3:.1f} ms | "
               f"{t_hyper / t_plain:.3f} | {m_plain / 2**30:.2f} GiB | {m_hyper / 2**30:.2f} GiB |")
         del x
@@ -89,7 +74,7 @@ def main(device: str | None = None, spacings=(1.0, 1.5, 2.0, 3.0), repeats: int 
             loss.backward()
             opt.step()
 
-        results[label] = _measure(step, device, repeats)
+        results[label] = best_of(step, device, repeats)
     (t_p, m_p), (t_h, m_h) = results["plain UNet"], results["HyperUNet"]
     print("| model | step time | peak memory |")
     print("|---|---|---|")
@@ -99,7 +84,7 @@ def main(device: str | None = None, spacings=(1.0, 1.5, 2.0, 3.0), repeats: int 
 
     hyper.eval()
     with torch.inference_mode():
-        t_gen, _ = _measure(lambda: hyper.generate_params(torch.tensor([[1.3, 1.3, 1.3]], device=device)), device, repeats)
+        t_gen, _ = best_of(lambda: hyper.generate_params(torch.tensor([[1.3, 1.3, 1.3]], device=device)), device, repeats)
     print(f"weight generation for one spacing (uncached): {t_gen * 1e3:.2f} ms")
 
 
