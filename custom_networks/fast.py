@@ -37,7 +37,7 @@ from .hyperspace import HyperUNet
 from .spacing import as_spacing_tensor
 from .unet import PlainUNet
 
-__all__ = ["UNetEngine", "bucket_shape", "compile_network", "masked_unet_forward"]
+__all__ = ["UNetEngine", "bucket_shape", "compile_flag", "compile_network", "masked_unet_forward"]
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,21 @@ def masked_unet_forward(unet: PlainUNet, x: torch.Tensor, masks: list[torch.Tens
     return unet.head(x)
 
 
-def compile_network(network: nn.Module, enabled: bool = True, **compile_kwargs) -> nn.Module:
+def compile_flag(value, allow_auto: bool = True) -> bool | str:
+    """A compile option as given in a config or on a command line: ``True``/``False`` or the
+    strings ``true``/``false``/``yes``/``no``/``1``/``0``, or ``auto`` where allowed."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    flags = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if allow_auto and text == "auto":
+        return "auto"
+    if text not in flags:
+        raise ValueError(f"compile {value!r} must be true, false{' or auto' if allow_auto else ''}.")
+    return flags[text]
+
+
+def compile_network(network: nn.Module, enabled: bool | str = True, **compile_kwargs) -> nn.Module:
     """``network`` with its forward compiled in place (``nn.Module.compile``), for training.
 
     In place, so that ``state_dict`` keys stay those of the network and checkpoints load into an
@@ -112,7 +126,7 @@ def compile_network(network: nn.Module, enabled: bool = True, **compile_kwargs) 
     collated MetaTensor metadata back onto the outputs.) The hypernetwork's Python-level grouping
     by spacing stays outside the graph; the generated UNet's forward is traced.
     """
-    if enabled:
+    if compile_flag(enabled, allow_auto=False):
         network.compile(**compile_kwargs)
     return network
 
@@ -148,8 +162,7 @@ class UNetEngine(nn.Module):
         mode: str | None = None,
     ):
         super().__init__()
-        if compile not in (True, False, "auto"):
-            raise ValueError(f"compile must be true, false or 'auto', got {compile!r}.")
+        compile = compile_flag(compile)
         if int(bucket) < 1:
             raise ValueError(f"bucket must be a positive number of voxels, got {bucket!r}.")
         self.network = network
@@ -159,7 +172,7 @@ class UNetEngine(nn.Module):
         self.bucket = math.lcm(int(bucket), int(self.layout.divisor))
         self.backend, self.mode = backend, mode
         self._runner: PlainUNet | None = None
-        self._loaded: tuple | None = None
+        self._loaded: dict | None = None  # the weight set in the runner (held, compared by identity)
         self._compiled = None
         self._compile_failed = False
         self._lock = threading.Lock()
@@ -197,11 +210,10 @@ class UNetEngine(nn.Module):
             self._loaded = None
         # the HyperUNet's cache: generated once per spacing, regenerated after a weight change
         params = self.network._params_for(spacing[None])[0]
-        key = (tuple(spacing.tolist()), id(params))
-        if key != self._loaded:
+        if params is not self._loaded:
             for name, p in self._runner.named_parameters():
                 p.requires_grad_(False).copy_(params[name])
-            self._loaded = key
+            self._loaded = params
         return self._runner
 
     def forward(self, x: torch.Tensor, spacing=None) -> torch.Tensor:

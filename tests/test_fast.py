@@ -121,7 +121,9 @@ def test_engine_in_the_sliding_window_inferer(net):
 
 def test_bad_options_are_refused(net):
     with pytest.raises(ValueError, match="compile"):
-        UNetEngine(net, compile="yes")
+        UNetEngine(net, compile="sometimes")
+    assert UNetEngine(net, compile="false").compile_mode is False  # as the bundle command line gives it
+    assert UNetEngine(net, compile="True").compile_mode is True
     with pytest.raises(ValueError, match="bucket"):
         UNetEngine(net, bucket=0)
 
@@ -133,7 +135,9 @@ def test_compile_network_for_training_keeps_checkpoint_keys_and_numbers(net):
     net.train()
     expected = net(x, s)
     keys = list(net.state_dict())
+    assert compile_network(net, "false") is net and net._compiled_call_impl is None  # "--compile false"
     compiled = compile_network(net, True, backend="aot_eager")
+    assert net._compiled_call_impl is not None
     assert compiled is net and list(net.state_dict()) == keys  # checkpoints load into an uncompiled network
     torch.testing.assert_close(net(x, s), expected, atol=1e-4, rtol=1e-4)
     net(x, s).sum().backward()

@@ -17,6 +17,8 @@ import torch
 from monai.bundle import ConfigParser
 from monailabel.interfaces.config import TaskConfig
 
+from custom_networks.fast import compile_flag
+
 from ..infers import HyperSpaceInteractive, HyperSpaceSegmentation
 from ..trainers import HyperSpaceTrain
 
@@ -59,15 +61,6 @@ def discover_bundles(bundles_dir: str, models: str = "all") -> dict[str, str]:
     return {m: available[m] for m in wanted}
 
 
-def _compile_option(value) -> bool | str:
-    """``--conf compile``: ``auto`` (compile on CUDA only), ``true`` or ``false``."""
-    text = str(value).strip().lower()
-    options = {"auto": "auto", "true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-    if text not in options:
-        raise ValueError(f"--conf compile {value!r} must be auto, true or false.")
-    return options[text]
-
-
 class HyperSpaceConfig(TaskConfig):
     """A HyperSpace bundle served by the app.
 
@@ -95,7 +88,10 @@ class HyperSpaceConfig(TaskConfig):
         self.bundle_path = os.path.abspath(bundle_path)
         self.overrides = dict(overrides or {})
         self.interactive = bool(interactive)
-        self.compile = _compile_option((conf or {}).get("compile", "auto"))
+        try:
+            self.compile = compile_flag((conf or {}).get("compile", "auto"))
+        except ValueError as e:
+            raise ValueError(f"--conf {e}") from None
         with open(os.path.join(self.bundle_path, "configs", "metadata.json")) as f:
             self.metadata = json.load(f)
         parser = self.parser("inference.json")
