@@ -83,12 +83,15 @@ def train_on_volumes(
         keys=["image", "label"], spacing_range=spacing_range, patch_size=(patch,) * 3, pos_fraction=0.7,
         samples_per_spacing=batch_size, output_spacing=output_spacing,
     )]
-    clicks = {}
+    # how the engine hands the spacing to the network; DeepEdit's click loop needs its own pair
+    engine_parts: dict = {"prepare_batch": PrepareBatchSpacing()}
     if label_names:
         augment.append(InitialClickGuidanced("label", label_names, sigma_mm))
-        clicks = dict(
-            iteration_update=interaction(label_names, sigma_mm), prepare_batch=PrepareBatchSpacingAffine(), inferer=SpacingInferer()
-        )
+        engine_parts = {
+            "iteration_update": interaction(label_names, sigma_mm),
+            "prepare_batch": PrepareBatchSpacingAffine(),
+            "inferer": SpacingInferer(),
+        }
     dataset = CacheDataset(items, transform=Compose([load, *augment]), progress=False)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=0)
     trainer = SupervisedTrainer(
@@ -99,7 +102,7 @@ def train_on_volumes(
         optimizer=torch.optim.Adam(net.parameters(), learning_rate),
         loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
         train_handlers=[StatsHandler(tag_name="train_loss", output_transform=lambda out: out[0]["loss"])],
-        **{"prepare_batch": PrepareBatchSpacing(), **clicks},
+        **engine_parts,
     )
 
     @trainer.on(Events.ITERATION_COMPLETED(once=iterations))

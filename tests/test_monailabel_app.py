@@ -326,3 +326,24 @@ def test_training_with_a_label_of_unknown_segments_fails_with_its_name(server):
     assert done["status"] == "ERROR"
     assert any("segments ['liver'] are not structures of" in line for line in done["details"]), done["details"]
     _still_serving(server)
+
+
+def test_warmup_loads_a_trained_model_and_generates_its_weights_once(tmp_path):
+    """``--conf warmup true``: the infer task's warm-up (run in the server process at start-up)."""
+    sys.path.insert(0, os.path.join(ROOT, "monailabel_app"))
+    try:
+        from lib.configs import HyperSpaceConfig
+    finally:
+        sys.path.pop(0)
+    config = HyperSpaceConfig()
+    config.init(MODEL, str(tmp_path), {"compile": "false"}, None, bundle_path=os.path.join(ROOT, "bundles", MODEL), overrides=OVERRIDES)
+    task = config.infer()
+    assert task.warmup("cpu") is False  # no checkpoint yet: nothing to warm up
+    import torch
+
+    torch.save(config.build_network("cpu").state_dict(), config.path)
+    assert task.warmup("cpu") is True
+    engine = task._networks["cpu"][0]
+    assert engine.compile_mode is False and engine.network.generation_count == 1
+    with pytest.raises(ValueError, match="--conf compile 'sometimes'"):
+        HyperSpaceConfig().init(MODEL, str(tmp_path), {"compile": "sometimes"}, None, bundle_path=os.path.join(ROOT, "bundles", MODEL))

@@ -124,11 +124,6 @@ class HyperSpaceConfig(TaskConfig):
     def description(self) -> str:
         return self.metadata.get("description", self.name)
 
-    @property
-    def in_channels(self) -> int:
-        """Image channels plus, for the click-guided variant, one guidance channel per label."""
-        return int(self.parser("inference.json").get_parsed_content("network_def#in_channels"))
-
     def infer(self) -> HyperSpaceSegmentation:
         return HyperSpaceInteractive(self) if self.interactive else HyperSpaceSegmentation(self)
 

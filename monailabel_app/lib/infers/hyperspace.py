@@ -54,11 +54,16 @@ _BUDGET = "hyperspace_budget"
 _WINDOW = "hyperspace_window"
 
 
-def _root_message(error: BaseException) -> str:
-    """The innermost cause of a (MONAI-wrapped) exception, as ``Type: message``."""
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost cause of a (MONAI-wrapped) exception."""
     while error.__cause__ is not None:
         error = error.__cause__
-    return f"{type(error).__name__}: {error}"
+    return error
+
+
+def _root_message(error: BaseException) -> str:
+    cause = _root_cause(error)
+    return f"{type(cause).__name__}: {cause}"
 
 
 def _option(data: dict, key: str, default: Any) -> Any:
@@ -188,11 +193,8 @@ class HyperSpaceSegmentation(BasicInferTask):
         except HTTPException:
             raise
         except Exception as e:
-            cause = e
-            while cause.__cause__ is not None:
-                cause = cause.__cause__
-            if isinstance(cause, ClickError):
-                raise HTTPException(400, str(cause)) from None
+            if isinstance(_root_cause(e), ClickError):
+                raise HTTPException(400, str(_root_cause(e))) from None
             raise HTTPException(422, f"image {data.get('image_path') or data.get('image')!r} could not be read or prepared: {_root_message(e)}") from e
 
     def inferer(self, data=None):
