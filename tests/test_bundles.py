@@ -5,8 +5,10 @@ seconds (fewer channels, smaller patches, one or two epochs)."""
 import csv
 import glob
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -169,6 +171,9 @@ def test_config_workflows_have_the_bundle_properties(name, tmp_path):
         assert workflow.check_properties() == [], (config, workflow.check_properties())
 
 
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def test_ddp_two_processes_gloo_write_one_checkpoint(tmp_path):
     data = str(tmp_path / "data")
     write_synthetic_dataset("brats", data, n_cases=10, seed=2)  # 2 validation cases for 2 ranks
@@ -180,8 +185,16 @@ def test_ddp_two_processes_gloo_write_one_checkpoint(tmp_path):
         "--dataset_dir", data, "--bundle_root", root, "--epochs", "1", "--val_interval", "1",
         "--num_workers", "0", "--batch_size", "1", *SMALL["brats"],
     ]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+    env = {**os.environ, "TORCH_SHOW_CPP_STACKTRACES": "1"}
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0 and GLOO_TEARDOWN_ABORT in result.stderr:
+        # A rare abort inside PyTorch's gloo backend (C++ std::terminate, no Python error) was seen once
+        # on a loaded 2-core machine and never reproduced; one fresh attempt tells it from a real failure,
+        # which fails both times. Any other failure is reported at once.
+        warnings.warn(f"gloo rank aborted, retrying once:\n{result.stderr[-2000:]}")
+        shutil.rmtree(root, ignore_errors=True)
+        result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-4000:]}"
     assert os.listdir(os.path.join(root, "models")) == ["model.pt"]
     state = torch.load(os.path.join(root, "models", "model.pt"), map_location="cpu")
     net = HyperUNet(out_channels=2, channels=(8, 16))
