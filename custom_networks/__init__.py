@@ -9,8 +9,8 @@ from .engine import PrepareBatchSpacing, PrepareBatchSpacingAffine, SpacingInfer
 from .hyperspace import HyperUNet
 from .layout import UNetLayout
 from .spacing import SPACING_POLICIES, SpacingRange, as_spacing_tensor, parse_spacing, working_spacing
-from .transforms import RandSpacingPatchd, SpacingPolicyd
+from .transforms import NativeLabelsd, RandSpacingPatchd, SpacingPolicyd
 from .unet import PlainUNet
-from . import fast, interactive  # noqa: E402  (custom_networks.fast.*, custom_networks.interactive.*)
+from . import fast, interactive, pipeline  # noqa: E402  (custom_networks.fast.*, .interactive.*, .pipeline.*)
 
 __version__ = "0.1.0"

@@ -14,13 +14,13 @@ bytes.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 import torch
-from monai.transforms import GaussianSmooth, Spacing
 
 from .profiling import measure
 from .spacing import SpacingRange, parse_spacing
@@ -89,16 +89,18 @@ class InferenceCost:
     does), ``"whole"`` runs one window over the whole grid (padded to ``divisor``). A window of
     ``v`` voxels is predicted to take ``seconds_per_window * v / prod(roi_size)`` and to add
     ``window_bytes * v / prod(roi_size)`` of memory. On top of the windows: ``native_voxels *
-    seconds_per_voxel`` for anti-aliasing, resampling and inverting the probabilities back to the
-    native grid, and ``4 * working_voxels * (in_channels + out_channels + 1)`` bytes for the float32
-    input, output aggregate and count map kept for the whole working grid.
+    seconds_per_voxel`` for the steps that touch the native grid (z-scoring, anti-aliased
+    resampling, the fused way back to labels, writing them; measured with the pipeline's own
+    functions), and ``4 * working_voxels * (in_channels + out_channels + 1)`` bytes for the float32
+    input, output aggregate and count map kept for the whole working grid. Reading the image is
+    not predicted: it has happened when the policy decides, and callers pass the time it took.
 
     Args:
         roi_size: sliding window size (voxels).
         overlap: sliding window overlap (0..1).
         in_channels, out_channels: the network's.
         seconds_per_window: one ``roi_size`` window's forward with cached weights.
-        seconds_per_voxel: pre/post-processing time per native voxel.
+        seconds_per_voxel: time of the native-grid steps per native voxel.
         window_bytes: peak memory one ``roi_size`` window's forward adds (CUDA allocator on a GPU,
             resident set size on the CPU).
         device: where the constants were measured, e.g. ``"cpu"`` or ``"cuda:0"``.
@@ -123,15 +125,20 @@ class InferenceCost:
         padded = self._padded(shape)
         return padded if window == "whole" else tuple(min(r, p) for r, p in zip(self.roi_size, padded))
 
-    def predict(self, native_spacing: Sequence[float], native_shape: Sequence[int], working: Sequence[float], window: str = "patch") -> dict:
-        """Predicted ``seconds``, ``memory_bytes``, ``windows``, working ``shape`` and ``window`` for one image."""
+    def predict(self, native_spacing: Sequence[float], native_shape: Sequence[int], working: Sequence[float], window: str = "patch",
+                elapsed_s: float = 0.0) -> dict:
+        """Predicted ``seconds``, ``memory_bytes``, ``windows``, working ``shape`` and ``window`` for one image.
+
+        ``seconds`` is the whole request: ``elapsed_s`` already spent (reading the image), then
+        z-scoring, resampling, the windows, the way back to native labels and writing them.
+        """
         if window not in ("patch", "whole"):
             raise ValueError(f"window {window!r} must be 'patch' or 'whole'.")
         shape = working_shape(native_spacing, native_shape, working)
         win = self.window_shape(shape, window)
         windows = 1 if window == "whole" else window_count(shape, self.roi_size, self.overlap)
         scale = float(np.prod(win)) / float(np.prod(self.roi_size))
-        seconds = windows * self.seconds_per_window * scale + float(np.prod(native_shape)) * self.seconds_per_voxel
+        seconds = float(elapsed_s) + windows * self.seconds_per_window * scale + float(np.prod(native_shape)) * self.seconds_per_voxel
         memory = self.window_bytes * scale + 4.0 * float(np.prod(shape)) * (self.in_channels + self.out_channels + 1)
         return {"seconds": seconds, "memory_bytes": memory, "windows": windows, "shape": shape, "window": window}
 
@@ -173,32 +180,57 @@ class InferenceCost:
             with measure(device) as m:
                 network(x, s)
         scale = float(np.prod(roi_size)) / float(np.prod(probe))
-        # pre/post-processing: anti-aliasing and resampling of one image channel plus the class
-        # probabilities, timed on a small volume and scaled per voxel
-        size = 48
-        vol = torch.rand((in_channels + out_channels, size, size, size))
-        start = time.perf_counter()
-        Spacing(pixdim=(1.5, 1.5, 1.5), mode="bilinear")(GaussianSmooth(sigma=0.5)(vol))
-        seconds_per_voxel = (time.perf_counter() - start) / size**3
+        seconds_per_voxel = _calibrate_native_steps(in_channels, out_channels)
         return cls(
             roi_size, float(overlap), int(in_channels), int(out_channels), m.seconds * scale, seconds_per_voxel,
             float(max(m.added_bytes, 1)) * scale, str(device), divisor,
         )
 
 
+def _calibrate_native_steps(in_channels: int, out_channels: int, shape=(128, 128, 96), factor: float = 1.5) -> float:
+    """Seconds per native voxel of z-scoring, resampling, the way back and writing, measured with
+    the pipeline's own functions on a generated image (blobs, so that the way back meets label
+    boundaries as in real images); a first, smaller pass pays one-off costs (imports, allocator)."""
+    import tempfile
+
+    from monai.data import MetaTensor
+    from monai.transforms import NormalizeIntensity
+
+    from .fileio import write_label
+    from .resample import labels_to_native, working_grid
+    from .transforms import SpacingPolicyd
+
+    rng = np.random.RandomState(0)
+    resample = SpacingPolicyd("image", policy="target", target_spacing=[factor] * 3)
+    seconds = 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in ([s // 2 for s in shape], list(shape)):
+            image = MetaTensor(torch.as_tensor(rng.rand(in_channels, *size), dtype=torch.float32), affine=torch.eye(4, dtype=torch.float64))
+            grid_shape, _ = working_grid(size, (1.0,) * 3, (factor,) * 3)
+            grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, n) for n in grid_shape], indexing="ij"))
+            centres = torch.as_tensor(rng.uniform(-0.5, 0.5, (out_channels, 3)), dtype=torch.float32)
+            scores = torch.stack([0.3 - ((grid - c[:, None, None, None]) ** 2).sum(0).sqrt() for c in centres]) * 10
+            start = time.perf_counter()
+            resample({"image": NormalizeIntensity(channel_wise=True)(image)})
+            labels = labels_to_native(torch.softmax(scores, 0), (factor,) * 3, size)
+            write_label(labels, os.path.join(tmp, "label.nrrd"), affine=np.eye(4))
+            seconds = (time.perf_counter() - start) / float(np.prod(size))
+    return seconds
+
+
 @dataclass
 class BudgetSpacing:
     """A spacing policy: the finest candidate spacing whose predicted cost fits the budget.
 
-    Use as ``SpacingPolicyd(keys, policy=BudgetSpacing(cost, ...))``. After a call, ``decision``
-    holds what was chosen and why (spacing, predicted seconds and memory, whether it fits, how many
-    candidates were looked at). When nothing fits, the coarsest candidate is used and
-    ``decision["fits"]`` is ``False``.
+    Use as ``SpacingPolicyd(keys, policy=BudgetSpacing(cost, ...))``, which calls :meth:`decide`
+    per image and stores its account (spacing, predicted seconds and memory, whether it fits, how
+    many candidates were looked at) in the data dict; the instance itself keeps nothing per image.
+    When nothing fits, the coarsest candidate is used and ``"fits"`` is ``False``.
 
     Args:
         cost: the calibrated cost model.
         trained_range: candidates are clamped to it (``None``: not clamped).
-        time_budget_s: largest predicted time (s); ``None`` or ``<= 0``: no limit.
+        time_budget_s: largest predicted time of the whole request (s); ``None`` or ``<= 0``: no limit.
         memory_budget_gb: largest predicted peak memory (GB = 1e9 bytes); ``None`` or ``<= 0``: no limit.
         window: how the working grid is covered: ``"patch"``, ``"whole"``, or ``"auto"`` (per
             candidate, :meth:`InferenceCost.choose_window` under the memory budget).
@@ -209,7 +241,6 @@ class BudgetSpacing:
     time_budget_s: float | None = None
     memory_budget_gb: float | None = None
     window: str = "patch"
-    decision: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         for name in ("time_budget_s", "memory_budget_gb"):
@@ -242,15 +273,17 @@ class BudgetSpacing:
             return False
         return True
 
-    def __call__(self, native_spacing: Sequence[float], native_shape: Sequence[int]) -> tuple[float, ...]:
+    def decide(self, native_spacing: Sequence[float], native_shape: Sequence[int], elapsed_s: float = 0.0) -> dict:
+        """The finest fitting spacing for one image and why: ``{"spacing", "predicted_seconds",
+        "predicted_memory_gb", "fits", "window", "candidates"}`` (``elapsed_s``: already spent)."""
         native = parse_spacing(list(native_spacing), len(native_shape), what="image spacing")
         candidates = candidate_spacings(native, self.trained_range)
         for spacing in candidates:
             window = self.window_for(working_shape(native, native_shape, spacing))
-            predicted = self.cost.predict(native, native_shape, spacing, window)
+            predicted = self.cost.predict(native, native_shape, spacing, window, elapsed_s)
             if self.fits(predicted):
                 break
-        self.decision = {
+        return {
             "spacing": list(spacing),
             "predicted_seconds": round(predicted["seconds"], 3),
             "predicted_memory_gb": round(predicted["memory_bytes"] / 1e9, 4),
@@ -258,4 +291,6 @@ class BudgetSpacing:
             "window": predicted["window"],
             "candidates": len(candidates),
         }
-        return spacing
+
+    def __call__(self, native_spacing: Sequence[float], native_shape: Sequence[int]) -> tuple[float, ...]:
+        return tuple(self.decide(native_spacing, native_shape)["spacing"])

@@ -35,11 +35,12 @@ import numpy as np
 import torch
 from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
-from monai.transforms import Compose, Invertd, NormalizeIntensityd
+from monai.transforms import Compose
 
 from .engine import SpacingSlidingWindowInferer
 from .spacing import SpacingRange, parse_spacing
-from .transforms import SpacingPolicyd
+from . import pipeline
+from .transforms import NativeLabelsd, SpacingPolicyd
 from .profiling import measure
 
 __all__ = ["METHODS", "Method", "SWEEP_COLUMNS", "evaluate_case", "parse_interval", "sample_spacings", "segment_spacings", "sweep_rows"]
@@ -110,13 +111,14 @@ class Method:
         if self.name == "hs_clamp" and self.trained_range is None:
             raise ValueError("method 'hs_clamp' needs the trained spacing range.")
 
-    def resampling(self) -> SpacingPolicyd | None:
-        """The method's own resampling of the image at ``s``, or ``None``."""
+    def spacing_policy(self) -> dict:
+        """How the method chooses its working spacing for an image at ``s``: ``SpacingPolicyd``
+        arguments (``native`` for the methods that run at ``s``)."""
         if self.name == "fs":
-            return SpacingPolicyd("image", policy="target", target_spacing=list(self.fixed_spacing))
+            return {"policy": "target", "target_spacing": list(self.fixed_spacing)}
         if self.name == "hs_clamp":
-            return SpacingPolicyd("image", policy="clamp", trained_range=self.trained_range)
-        return None
+            return {"policy": "clamp", "trained_range": self.trained_range}
+        return {"policy": "native"}
 
 
 def _acquire(image, label, spacing) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,27 +173,24 @@ def _memory(m) -> dict:
 def segment(method: Method, image: torch.Tensor, inferer: SpacingSlidingWindowInferer, nonzero: bool = False, device="cpu"):
     """Run ``method``'s whole pipeline on ``image`` (``(1, X, Y, Z)`` MetaTensor); measured.
 
+    The steps are the inference pipeline's (:mod:`custom_networks.pipeline`): z-score, resample
+    to the method's working spacing, network, fused way back to labels on the image's grid.
+
     Returns:
         ``(label (1, X, Y, Z) on the image's grid, Measurement, working grid)``. HyperSpace weights
         are generated afresh (the cache is cleared first), so their cost is included.
     """
-    resample = method.resampling()
-    chain = Compose(([resample] if resample else []) + [NormalizeIntensityd("image", nonzero=nonzero, channel_wise=True)])
+    policy = method.spacing_policy()
+    chain = Compose(pipeline.spacing_steps(nonzero, policy["policy"], policy.get("target_spacing"), policy.get("trained_range")))
+    back = NativeLabelsd("pred", transform=chain, orig_keys="image")
     network = method.network.to(device).eval()
     if hasattr(network, "clear_cache"):
         network.clear_cache()
-    with measure(device) as m, torch.no_grad():
+    with measure(device) as m:
         d = chain({"image": image})
-        x = d["image"][None].to(device)
-        run_spacing = torch.as_tensor(d.get("spacing", tuple(float(v) for v in image.pixdim)), dtype=torch.float32)[None].to(device)
-        logits = inferer(x, network, spacing=run_spacing)[0]
-        if resample is not None:
-            d["pred"] = torch.softmax(logits.float(), 0).cpu()
-            probs = Invertd("pred", transform=chain, orig_keys="image", nearest_interp=False)(d)["pred"]
-        else:
-            probs = logits.float().cpu()
-        pred = probs.argmax(0, keepdim=True)
-    return pred, m, list(x.shape[2:])
+        d["pred"] = pipeline.run_network(network, inferer, d, device, amp=False)
+        pred = back(d)["pred"]
+    return pred, m, list(d["image"].shape[1:])
 
 
 def _key(row: dict) -> tuple:
@@ -536,7 +535,7 @@ def cka_study(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from monai.transforms import CenterSpatialCropd, Compose, NormalizeIntensityd
+    from monai.transforms import CenterSpatialCropd
 
     from .analysis import cka_matrix, conv_activations
 
@@ -553,9 +552,10 @@ def cka_study(
     divisor = network.layout.divisor
     acts = {}
     for s in values:
-        d = SpacingPolicyd("image", policy="target", target_spacing=s)({"image": loaded})
+        # the inference pipeline's steps (z-score at native resolution, resample), then the region
+        d = Compose(pipeline.spacing_steps(spec.zscore_nonzero, "target", s))({"image": loaded})
         size = [max(divisor, int(round(r / s / divisor)) * divisor) for r in region_mm]
-        d = Compose([CenterSpatialCropd("image", size), NormalizeIntensityd("image", nonzero=spec.zscore_nonzero)])(d)
+        d = CenterSpatialCropd("image", size)(d)
         if list(d["image"].shape[1:]) != size:
             raise ValueError(f"{image}: the image is smaller than the {list(region_mm)} mm region at {s} mm; choose a smaller region_mm.")
         with torch.no_grad():

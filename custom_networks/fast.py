@@ -166,10 +166,11 @@ class UNetEngine(nn.Module):
         if int(bucket) < 1:
             raise ValueError(f"bucket must be a positive number of voxels, got {bucket!r}.")
         self.network = network
-        self.layout = network.layout
+        # any other network (no UNetLayout: an oracle, a peer) is called as it is
+        self.layout = getattr(network, "layout", None) if isinstance(network, (HyperUNet, PlainUNet)) else None
         self.compile_mode = compile
         self.amp = amp
-        self.bucket = math.lcm(int(bucket), int(self.layout.divisor))
+        self.bucket = math.lcm(int(bucket), int(self.layout.divisor)) if self.layout is not None else int(bucket)
         self.backend, self.mode = backend, mode
         self._runner: PlainUNet | None = None
         self._loaded: dict | None = None  # the weight set in the runner (held, compared by identity)
@@ -217,7 +218,7 @@ class UNetEngine(nn.Module):
         return self._runner
 
     def forward(self, x: torch.Tensor, spacing=None) -> torch.Tensor:
-        if torch.is_grad_enabled() or self.network.training:
+        if self.layout is None or torch.is_grad_enabled() or self.network.training:
             return self.network(x, spacing) if spacing is not None else self.network(x)
         dims = self.layout.spatial_dims
         x = x.as_tensor() if hasattr(x, "as_tensor") else x

@@ -22,6 +22,8 @@ Spacings are mm per axis in tensor axis order; images are channel-first ``(C, X,
 
 from __future__ import annotations
 
+import copy
+
 import json
 from typing import Any, Hashable, Mapping, Sequence
 
@@ -131,10 +133,12 @@ class AddGuidanceSignalMMd(AddGuidanceSignalDeepEditd):
         if self.label_names is not None:
             d[self.guidance] = _encode(d.get(self.guidance) or {}, list(self.label_names))
         for key in self.key_iterator(d):
-            # the parent reads its Gaussian width from self.sigma: set it for this sample's spacing
-            self.sigma = tuple(self.sigma_mm / s for s in _spacing_of(d, key, self.spacing_key))
+            # the parent reads its Gaussian width from self.sigma: set it on a copy for this
+            # sample's spacing, so that threads sharing this instance never see another's width
+            worker = copy.copy(self)
+            worker.sigma = tuple(self.sigma_mm / s for s in _spacing_of(d, key, self.spacing_key))
             was_tensor = isinstance(d[key], torch.Tensor)
-            d = super().__call__(d)
+            d = super(AddGuidanceSignalMMd, worker).__call__(d)
             if was_tensor and not isinstance(d[key], torch.Tensor):  # the parent concatenates in numpy
                 d[key] = torch.as_tensor(d[key])
         return d

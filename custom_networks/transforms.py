@@ -1,23 +1,39 @@
-"""Spacing transforms MONAI lacks: the paper's random-spacing patch sampler, and the invertible
-inference resampling that follows a spacing policy (with anti-aliasing)."""
+"""Spacing transforms MONAI lacks: the paper's random-spacing patch sampler, the invertible
+inference resampling that follows a spacing policy, and the fused way back to native labels.
+
+All three resample through :mod:`custom_networks.resample` (anti-aliasing and linear interpolation
+as one small matrix per axis). None of them keeps per-image state on the instance: one instance
+is safe to share between the threads of a ``CacheDataset`` and the processes of a ``DataLoader``.
+Every decision (the working spacing, a budget's choice) travels in the data dict and in the
+image's applied-operations record, where ``Invertd``, :class:`NativeLabelsd` and the app read it.
+
+Intensities: images are z-scored once, at their native resolution and before any resampling,
+with MONAI's ``NormalizeIntensityd(nonzero=..., channel_wise=True)`` at inference and the same
+statistics and masking rule inside :class:`RandSpacingPatchd` in training. So the network sees the
+same input in both: with ``nonzero=True`` (skull-stripped MR, BraTS) background voxels are exactly
+0, foreground voxels have mean 0 and std 1 over the native volume; resampling then blurs the
+boundary alike in both.
+"""
 
 from __future__ import annotations
 
-import math
-from typing import Hashable, Mapping, Sequence
+import copy
+import threading
+import time
+from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
-from monai.networks.layers.convutils import gaussian_1d
-from monai.transforms import GaussianSmooth, InvertibleTransform, MapTransform, Randomizable, Spacing
-from monai.utils import ensure_tuple_rep
+from monai.transforms import Compose, InvertibleTransform, MapTransform, Randomizable
+from monai.utils import TraceKeys, ensure_tuple_rep
 
+from .resample import antialias_sigma, labels_to_native, resample_axes, resample_to_native, working_grid
 from .spacing import SpacingRange, parse_spacing, working_spacing
 
-__all__ = ["RandSpacingPatchd", "SpacingPolicyd", "antialias_sigma", "image_spacing"]
+__all__ = ["NativeLabelsd", "RandSpacingPatchd", "SpacingPolicyd", "antialias_sigma", "image_spacing", "zscore_stats"]
 
 
 def image_spacing(img: torch.Tensor, spatial_dims: int | None = None) -> tuple[float, ...]:
@@ -35,17 +51,9 @@ def image_spacing(img: torch.Tensor, spatial_dims: int | None = None) -> tuple[f
     return tuple(float(v) for v in affine_to_spacing(img.affine, r=dims))
 
 
-def antialias_sigma(source: Sequence[float], target: Sequence[float]) -> tuple[float, ...]:
-    """Gaussian sigma per axis (in source voxels) before resampling ``source`` -> ``target`` mm.
-
-    ``(factor - 1) / 2`` for a downsampling factor ``target / source`` (as scikit-image's
-    ``resize(anti_aliasing=True)``), 0 on axes that are kept or upsampled.
-    """
-    return tuple(max(0.0, (t / s - 1.0) / 2.0) for s, t in zip(source, target))
-
-
-def _mean_std(img: torch.Tensor, nonzero: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std ``(C, 1, ...)`` over all (or the non-zero) voxels."""
+def zscore_stats(img: torch.Tensor, nonzero: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std ``(C, 1, ...)`` as MONAI's ``NormalizeIntensity(channel_wise=True)``
+    computes them: over all voxels, or over the non-zero voxels (``nonzero=True``), population std."""
     flat = img.reshape(img.shape[0], -1).float()
     if nonzero:
         mask = flat != 0
@@ -54,55 +62,11 @@ def _mean_std(img: torch.Tensor, nonzero: bool) -> tuple[torch.Tensor, torch.Ten
         var = (((flat - mean[:, None]) * mask) ** 2).sum(1) / count
     else:
         mean, var = flat.mean(1), flat.var(1, unbiased=False)
+    std = var.sqrt()
+    std = torch.where(std > 0, std, torch.ones_like(std))  # a constant channel is only centred, as MONAI does
     shape = (img.shape[0],) + (1,) * (img.dim() - 1)
-    return mean.view(shape), var.sqrt().clamp_min(1e-8).view(shape)
+    return mean.view(shape), std.view(shape)
 
-
-def _axis_operator(coords: np.ndarray, lo: int, hi: int, sigma: float, device) -> torch.Tensor:
-    """``(P, hi - lo)`` matrix: Gaussian smoothing (``sigma`` voxels, zero outside the region) then
-    linear interpolation at ``coords``, along one axis."""
-    pos = torch.as_tensor(coords - lo, dtype=torch.float32, device=device)
-    grid = torch.arange(hi - lo, dtype=torch.float32, device=device)
-    op = (1 - (pos[:, None] - grid[None, :]).abs()).clamp_min(0)  # linear interpolation ("hat") weights
-    if sigma > 0:
-        # MONAI's own discretised Gaussian, as in its GaussianFilter
-        taps = gaussian_1d(torch.tensor(float(sigma)), truncated=4.0, approx="erf", normalize=True).to(device, torch.float32)
-        radius = (len(taps) - 1) // 2
-        diff = (grid[:, None] - grid[None, :]).long()
-        blur = torch.where(diff.abs() <= radius, taps[(diff + radius).clamp(0, 2 * radius)], torch.zeros((), device=device))
-        op = op @ blur
-    return op
-
-
-def _resample(src: torch.Tensor, coords: Sequence[np.ndarray], sigma: Sequence[float], mode: str) -> torch.Tensor:
-    """Sample ``src`` ``(C, *S)`` at the outer product of per-axis voxel coordinates ``coords``.
-
-    The sampling grid is axis-aligned, so anti-aliasing and linear interpolation factor into one
-    small matrix per axis, applied as matrix products over the region the patch needs; this is the
-    same result as a Gaussian filter followed by ``grid_sample(align_corners=True)`` with zero
-    padding, at a fraction of the cost on the CPU (a 3D Gaussian filter of a whole BraTS volume
-    takes about 0.7 s on 2 cores). ``"nearest"`` (labels) picks voxels by index. Outside ``src``
-    the result is 0.
-    """
-    shape = src.shape[1:]
-    if mode == "nearest":
-        out = src
-        for a, (c, n) in enumerate(zip(coords, shape)):
-            index = np.rint(c).astype(np.int64)
-            inside = torch.as_tensor((index >= 0) & (index < n), device=src.device)
-            picked = out.index_select(a + 1, torch.as_tensor(index.clip(0, n - 1), device=src.device))
-            view = [1] * picked.dim()
-            view[a + 1] = -1
-            out = picked * inside.view(view).to(picked.dtype)
-        return out
-    margin = [int(math.ceil(4 * s)) + 1 for s in sigma]
-    lo = [min(max(0, int(math.floor(c[0])) - m), n - 1) for c, m, n in zip(coords, margin, shape)]
-    hi = [max(min(n, int(math.ceil(c[-1])) + m + 1), l + 1) for c, m, n, l in zip(coords, margin, shape, lo)]
-    out = src[(slice(None),) + tuple(slice(l, h) for l, h in zip(lo, hi))]
-    for a, (c, l, h, s) in enumerate(zip(coords, lo, hi, sigma)):
-        op = _axis_operator(c, l, h, s, src.device)
-        out = torch.movedim(torch.movedim(out, a + 1, -1) @ op.T, -1, a + 1)
-    return out.contiguous()
 
 class RandSpacingPatchd(Randomizable, MapTransform):
     """The HyperSpace training augmentation: resample to a random spacing, then take a patch.
@@ -170,6 +134,9 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         if int(samples_per_spacing) < 1:
             raise ValueError(f"samples_per_spacing must be >= 1, got {samples_per_spacing}.")
         self.samples_per_spacing = int(samples_per_spacing)
+        # the random draws of one sample happen under this lock, so that threads sharing the
+        # instance never mix one sample's spacing with another's; the resampling runs outside it
+        self._lock = threading.Lock()
         self._drawn = 0
         self._spacing: tuple[float, ...] = ()
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -195,27 +162,38 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         self._drawn = 0  # a re-seeded transform repeats its draws exactly
         return self
 
-    def randomize(self, data=None) -> None:
-        """Draw the spacing (every ``samples_per_spacing`` calls); the centre is drawn per sample."""
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_lock", None)  # DataLoader workers get their own lock
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def randomize(self, data=None) -> tuple[tuple[float, ...], np.ndarray]:
+        """Draw one sample's spacing (a new one every ``samples_per_spacing`` calls) and the random
+        numbers its centre is made of; callers hold the lock."""
         if self._drawn % self.samples_per_spacing == 0:
             self._spacing = self.spacing_range.sample(self.R)
         self._drawn += 1
+        return self._spacing, self.R.rand(3 + self.spacing_range.spatial_dims)
 
-    def _draw_center(self, shape, source, target, label) -> np.ndarray:
-        """Patch centre in source voxel coordinates (continuous)."""
+    def _center(self, shape, source, target, label, u: np.ndarray) -> np.ndarray:
+        """Patch centre in source voxel coordinates (continuous), from the uniform draws ``u``."""
         half = (np.asarray(self.patch_size) - 1) / 2 * np.asarray(target) / np.asarray(source)
-        if label is not None and self.R.rand() < self.pos_fraction:
+        if label is not None and u[0] < self.pos_fraction:
             label = label[0] if label.shape[0] == 1 else label.argmax(0)
             label = label.as_tensor() if isinstance(label, MetaTensor) else label
             # class indices are small non-negative integers: bincount is far cheaper than unique
             values = torch.nonzero(torch.bincount(label.reshape(-1).long().clamp_min(0))[1:]).reshape(-1) + 1
             if len(values):
-                value = values[self.R.randint(len(values))]
+                value = values[min(int(u[1] * len(values)), len(values) - 1)]
                 voxels = torch.nonzero(label == value)
-                return voxels[self.R.randint(len(voxels))].cpu().numpy().astype(float)
+                return voxels[min(int(u[2] * len(voxels)), len(voxels) - 1)].cpu().numpy().astype(float)
         size = np.asarray(shape, dtype=float)
         low, high = half, size - 1 - half
-        return np.where(low <= high, low + self.R.rand(len(shape)) * np.maximum(high - low, 0), (size - 1) / 2)
+        return np.where(low <= high, low + u[3:] * np.maximum(high - low, 0), (size - 1) / 2)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -230,12 +208,12 @@ class RandSpacingPatchd(Randomizable, MapTransform):
             )
         source = image_spacing(ref, dims)
         shape = tuple(ref.shape[1:])
-        self.randomize()
-        target = self._spacing
+        with self._lock:
+            target, u = self.randomize()
         label = d.get(self.label_key) if self.label_key else None
-        center = self._draw_center(shape, source, self.output_spacing or target, label)
-
         patch_spacing = self.output_spacing or target
+        center = self._center(shape, source, patch_spacing, label, u)
+
         factor = np.asarray(patch_spacing) / np.asarray(source)
         start = center - (np.asarray(self.patch_size) - 1) / 2 * factor
         # on axes kept at the source spacing, patch voxels sit on source voxels: an exact crop, no
@@ -252,7 +230,7 @@ class RandSpacingPatchd(Randomizable, MapTransform):
             # FS training: simulate an acquisition at the drawn spacing on a grid one voxel wider
             # than the patch, then resample that to the fixed output spacing
             step = np.asarray(target) / np.asarray(source)
-            coarse = [c[0] - st + np.arange(int(math.ceil((c[-1] - c[0]) / st)) + 3) * st for c, st in zip(coords, step)]
+            coarse = [c[0] - st + np.arange(int(np.ceil((c[-1] - c[0]) / st)) + 3) * st for c, st in zip(coords, step)]
             fine = [(c - g[0]) / st for c, g, st in zip(coords, coarse, step)]
 
         # the patch's affine: voxel j of the patch is source voxel coords[0] + j * factor
@@ -261,15 +239,16 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         for key, mode in zip(keys, self.mode):
             img = d[key]
             src = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+            if mode == "bilinear" and self.normalize:
+                # the inference normalisation: NormalizeIntensityd at native resolution, before
+                # resampling (bundles run it in the cached part of the chain and pass normalize=False)
+                src = _zscore(src, self.nonzero)
             if self.output_spacing:
-                acquired = _resample(src.float(), coarse, antialias_sigma(source, target), mode)
-                out = _resample(acquired, fine, antialias_sigma(target, patch_spacing), mode)
+                acquired = resample_axes(src.float() if mode == "bilinear" else src, coarse, antialias_sigma(source, target), mode)
+                out = resample_axes(acquired, fine, antialias_sigma(target, patch_spacing), mode)
             else:
-                out = _resample(src.float(), coords, antialias_sigma(source, target), mode)
+                out = resample_axes(src.float() if mode == "bilinear" else src, coords, antialias_sigma(source, target), mode)
             if mode == "bilinear":
-                if self.normalize:
-                    mean, std = _mean_std(src, self.nonzero)
-                    out = (out - mean) / std
                 out = out * valid
             else:
                 out = out.to(src.dtype)
@@ -280,6 +259,18 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         return d
 
 
+def _zscore(src: torch.Tensor, nonzero: bool) -> torch.Tensor:
+    """``src`` z-scored per channel as ``NormalizeIntensity(nonzero, channel_wise=True)`` does
+    (:func:`zscore_stats`); with ``nonzero`` zeros stay 0."""
+    mean, std = zscore_stats(src, nonzero)
+    out = (src.float() - mean) / std
+    return torch.where(src != 0, out, torch.zeros((), dtype=out.dtype, device=out.device)) if nonzero else out
+
+
+def _same_spacing(a: Sequence[float], b: Sequence[float]) -> bool:
+    return bool(np.allclose(a, b, rtol=1e-6, atol=0))
+
+
 class SpacingPolicyd(MapTransform, InvertibleTransform):
     """Resample images to the working spacing a policy chooses; invertible with ``Invertd``.
 
@@ -287,67 +278,198 @@ class SpacingPolicyd(MapTransform, InvertibleTransform):
     :func:`~custom_networks.spacing.working_spacing`): ``"native"`` (no resampling), ``"target"``
     (``target_spacing``), or ``"clamp"`` (axes outside ``trained_range`` moved to its nearest
     edge). Axes that are downsampled are first smoothed with a Gaussian (:func:`antialias_sigma`),
-    as in training; the resampling itself is MONAI's ``Spacing``, so ``Invertd`` maps a prediction
-    back to the input's native geometry (shape, spacing, origin, direction). The working spacing is
-    stored under ``spacing_key`` as a ``(D,)`` float32 tensor.
+    as in training. The grid is MONAI ``Spacing``'s (same directions and first voxel, the new
+    spacing), the resampling :func:`~custom_networks.resample.resample_axes` (border padding).
+    The operation is recorded in each image's applied operations, so MONAI's ``Invertd`` (linear,
+    or nearest for ``nearest_interp``) and :class:`NativeLabelsd` (fused, to labels) map a
+    prediction back to the input's native geometry exactly (shape and affine).
 
-    Apply z-scoring (``NormalizeIntensityd``) after this transform: the paper normalises at the
-    working resolution.
+    Stored in the data dict: the working spacing under ``spacing_key`` as a ``(D,)`` float32
+    tensor, and what decided it under ``decision_key``: ``{"policy", "native_spacing",
+    "spacing"}``, plus the policy's own account for a policy object with a ``decide`` method (e.g.
+    :class:`~custom_networks.cost.BudgetSpacing`, which is handed the seconds already spent on the
+    request when the data dict holds a ``time.perf_counter()`` start under ``start_key``).
+
+    Z-score images before this transform (``NormalizeIntensityd``, at native resolution): the same
+    normalisation as the training patches of :class:`RandSpacingPatchd`.
 
     Args:
         keys: images to resample; the first decides the working spacing.
         policy: ``"native"``, ``"target"`` or ``"clamp"``; or a callable
             ``(native_spacing, spatial_shape) -> working_spacing`` (mm, tensor axis order) that
-            decides per image, e.g. :class:`~custom_networks.cost.BudgetSpacing`.
+            decides per image, or an object with ``decide(native_spacing, spatial_shape,
+            elapsed_s) -> {"spacing": ..., ...}``.
         target_spacing: mm for ``"target"``: a number, a sequence or a string like ``"1.5,1.5,3"``.
         trained_range: the model's spacing range for ``"clamp"``.
         mode: interpolation per key (``"bilinear"`` images, ``"nearest"`` labels).
         spacing_key: where the working spacing is stored.
+        decision_key: where the decision is stored.
+        start_key: where the request's start time may be found (see above).
     """
 
     def __init__(
         self,
         keys: KeysCollection,
-        policy: str = "native",
+        policy: Any = "native",
         target_spacing=None,
         trained_range=None,
         mode: str | Sequence[str] = "bilinear",
         spacing_key: str = "spacing",
+        decision_key: str = "spacing_decision",
+        start_key: str = "request_start",
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
-        if not callable(policy):
+        if not callable(policy) and not hasattr(policy, "decide"):
             # validate now so a wrong option fails before any image is read
             working_spacing((1.0, 1.0, 1.0), policy, target_spacing, trained_range)
         self.policy = policy
         self.target_spacing = target_spacing
         self.trained_range = trained_range
         self.mode = ensure_tuple_rep(mode, len(self.keys))
+        for m in self.mode:
+            if m not in ("bilinear", "nearest"):
+                raise ValueError(f"mode {m!r} is not supported; expected 'bilinear' (images) or 'nearest' (labels).")
         self.spacing_key = spacing_key
-        self.resampler = Spacing(pixdim=1.0, mode="bilinear", padding_mode="border", align_corners=True)
+        self.decision_key = decision_key
+        self.start_key = start_key
+
+    def decide(self, native: Sequence[float], shape: Sequence[int], data: Mapping | None = None) -> dict:
+        """The working spacing for an image of ``native`` spacing and spatial ``shape``, as a dict."""
+        native = tuple(float(s) for s in native)
+        if hasattr(self.policy, "decide"):
+            start = (data or {}).get(self.start_key)
+            elapsed = time.perf_counter() - float(start) if start is not None else 0.0
+            decision = dict(self.policy.decide(native, tuple(shape), elapsed))
+            policy = type(self.policy).__name__
+        elif callable(self.policy):
+            decision = {"spacing": tuple(float(s) for s in self.policy(native, tuple(shape)))}
+            policy = getattr(self.policy, "__name__", type(self.policy).__name__)
+        else:
+            decision = {"spacing": working_spacing(native, self.policy, self.target_spacing, self.trained_range)}
+            policy = self.policy
+        spacing = parse_spacing(list(decision["spacing"]), len(native), what="working spacing")
+        return {"policy": policy, "native_spacing": list(native), **decision, "spacing": list(spacing)}
+
+    def resample(self, img: torch.Tensor, target: Sequence[float], mode: str = "bilinear") -> MetaTensor:
+        """One image to ``target`` mm, its applied-operations record extended (see class doc)."""
+        if not isinstance(img, MetaTensor):
+            img = MetaTensor(img)
+        native = image_spacing(img)
+        shape = tuple(img.shape[1:])
+        out_shape, factor = working_grid(shape, native, target)
+        src = img.as_tensor()
+        if _same_spacing(native, target):
+            out, factor = src, (1.0,) * len(native)
+        else:
+            coords = [np.arange(m) * f for m, f in zip(out_shape, factor)]
+            sigma = antialias_sigma(native, target) if mode == "bilinear" else None
+            out = resample_axes(src if mode == "nearest" else src.float(), coords, sigma, mode, padding="border")
+        native_affine = img.affine.to(torch.float64)
+        affine = native_affine @ torch.diag(torch.tensor([*factor, 1.0], dtype=torch.float64))
+        result = MetaTensor(out, affine=affine, meta={k: v for k, v in img.meta.items() if k != "affine"})
+        result.applied_operations = list(img.applied_operations)
+        self.push_transform(
+            result,
+            orig_size=shape,
+            extra_info={"factor": list(factor), "native_affine": native_affine.tolist(), "mode": mode},
+        )
+        return result
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         keys = list(self.key_iterator(d))
         if not keys:
             return d
-        native = image_spacing(d[keys[0]])
-        if callable(self.policy):
-            target = tuple(float(s) for s in self.policy(native, tuple(d[keys[0]].shape[1:])))
-        else:
-            target = working_spacing(native, self.policy, self.target_spacing, self.trained_range)
-        self.resampler.pixdim = np.asarray(target, dtype=np.float64)
+        decision = self.decide(image_spacing(d[keys[0]]), d[keys[0]].shape[1:], d)
         for key, mode in zip(keys, self.mode):
-            img = d[key]
-            sigma = antialias_sigma(image_spacing(img), target)
-            if mode != "nearest" and any(s > 0 for s in sigma):
-                img = GaussianSmooth(sigma=[max(s, 1e-6) for s in sigma])(img)
-            d[key] = self.resampler(img, mode=mode, padding_mode="border" if mode != "nearest" else "zeros")
-        d[self.spacing_key] = torch.tensor(target, dtype=torch.float32)
+            d[key] = self.resample(d[key], decision["spacing"], mode)
+        d[self.spacing_key] = torch.tensor(decision["spacing"], dtype=torch.float32)
+        d[self.decision_key] = decision
         return d
+
+    def inverse_image(self, img: MetaTensor, nearest: bool = False) -> MetaTensor:
+        """``img`` on the working grid back to the native grid of the recorded operation."""
+        op = self.pop_transform(img)
+        info = op[TraceKeys.EXTRA_INFO]
+        shape = tuple(int(s) for s in op[TraceKeys.ORIG_SIZE])
+        mode = "nearest" if nearest or info["mode"] == "nearest" else "bilinear"
+        src = img.as_tensor()
+        if all(f == 1.0 for f in info["factor"]) and tuple(src.shape[1:]) == shape:
+            out = src
+        else:
+            out = resample_to_native(src if mode == "nearest" else src.float(), info["factor"], shape, mode)
+        result = MetaTensor(out, affine=torch.tensor(info["native_affine"], dtype=torch.float64), meta={k: v for k, v in img.meta.items() if k != "affine"})
+        result.applied_operations = list(img.applied_operations)
+        return result
 
     def inverse(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self.resampler.inverse(d[key])
+            d[key] = self.inverse_image(d[key])
+        return d
+
+
+class NativeLabelsd(MapTransform):
+    """The fused way back: class scores on the working grid to a label map in the input's geometry.
+
+    Equals ``Activationsd(softmax=True)`` + ``Invertd(nearest_interp=False)`` + ``AsDiscreted(
+    argmax=True)`` over the preprocessing ``transform`` (tested), but never holds the class
+    probabilities on the native grid: :func:`~custom_networks.resample.labels_to_native`
+    interpolates only near label boundaries. The transforms before the :class:`SpacingPolicyd`
+    step (e.g. ``Orientationd``) are then inverted on the label with MONAI's own inverses.
+
+    Args:
+        keys: the network output ``(C, *working)`` (logits, or probabilities with ``softmax=False``).
+        transform: the preprocessing ``Compose`` that produced the network input.
+        orig_keys: the preprocessed image whose applied operations are inverted.
+        softmax: apply a softmax over classes first (linear interpolation of probabilities, as
+            MONAI's bundles do with ``Invertd`` after ``Activationsd``).
+        dtype: label dtype.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        transform: Compose | None = None,
+        orig_keys: KeysCollection = "image",
+        softmax: bool = True,
+        dtype: torch.dtype | str = torch.uint8,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        if not isinstance(transform, Compose):
+            raise ValueError(f"NativeLabelsd needs the preprocessing Compose as 'transform', got {type(transform).__name__}.")
+        self.transform = transform
+        self.orig_keys = ensure_tuple_rep(orig_keys, len(self.keys))
+        self.softmax = softmax
+        self.dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+    def _split(self, ops: list) -> tuple[SpacingPolicyd, dict, Compose]:
+        """The resampling step, its record, and the invertible steps before it."""
+        steps = list(self.transform.flatten().transforms)
+        for i in range(len(ops) - 1, -1, -1):
+            for j, t in enumerate(steps):
+                if isinstance(t, SpacingPolicyd) and ops[i].get(TraceKeys.ID) == id(t):
+                    return t, i, Compose(steps[:j])
+        raise ValueError(
+            "NativeLabelsd found no SpacingPolicyd operation of its 'transform' in the image's applied "
+            "operations; pass the preprocessing that produced the network input."
+        )
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, orig_key in self.key_iterator(d, self.orig_keys):
+            image = d[orig_key]
+            ops = list(image.applied_operations)
+            step, index, earlier = self._split(ops)
+            info = ops[index][TraceKeys.EXTRA_INFO]
+            shape = tuple(int(s) for s in ops[index][TraceKeys.ORIG_SIZE])
+            scores = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
+            scores = torch.softmax(scores.float(), 0) if self.softmax else scores
+            labels = labels_to_native(scores, info["factor"], shape, self.dtype)
+            label = MetaTensor(labels, affine=torch.tensor(info["native_affine"], dtype=torch.float64), meta={k: v for k, v in image.meta.items() if k != "affine"})
+            label.applied_operations = ops[:index]
+            # the steps before the resampling (reorientation), with MONAI's inverses, as Invertd does
+            d[key] = earlier.inverse({orig_key: label})[orig_key]
         return d

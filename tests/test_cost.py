@@ -180,7 +180,7 @@ def test_budget_generous_picks_finest():
     """With room to spare the finest candidate (the clamp policy's spacing) is used."""
     policy = BudgetSpacing(cost_model(), RANGE, time_budget_s=100.0, memory_budget_gb=10.0)
     assert policy(NATIVE, SHAPE) == (1.0, 1.0, 1.0)
-    assert policy.decision == {
+    assert policy.decide(NATIVE, SHAPE) == {
         "spacing": [1.0, 1.0, 1.0],
         "predicted_seconds": 3.43,
         "predicted_memory_gb": 0.0052,
@@ -195,8 +195,9 @@ def test_budget_time_picks_finest_that_fits():
     cost = cost_model()
     policy = BudgetSpacing(cost, RANGE, time_budget_s=1.0)
     chosen = policy(NATIVE, SHAPE)
+    decision = policy.decide(NATIVE, SHAPE)
     assert chosen == (1.749, 1.749, 1.749)
-    assert policy.decision["fits"] is True and policy.decision["predicted_seconds"] == 0.64
+    assert decision["fits"] is True and decision["predicted_seconds"] == 0.64
     cands = candidate_spacings(NATIVE, RANGE)
     i = cands.index(chosen)
     assert cost.predict(NATIVE, SHAPE, cands[i])["seconds"] <= 1.0
@@ -208,8 +209,9 @@ def test_budget_memory_picks_finest_that_fits():
     cost = cost_model()
     policy = BudgetSpacing(cost, RANGE, memory_budget_gb=0.003)
     chosen = policy(NATIVE, SHAPE)
+    decision = policy.decide(NATIVE, SHAPE)
     assert chosen == (1.3225, 1.3225, 1.3225)
-    assert policy.decision["fits"] is True and policy.decision["predicted_memory_gb"] == 0.0028
+    assert decision["fits"] is True and decision["predicted_memory_gb"] == 0.0028
     cands = candidate_spacings(NATIVE, RANGE)
     i = cands.index(chosen)
     assert cost.predict(NATIVE, SHAPE, cands[i])["memory_bytes"] <= 3e6
@@ -221,9 +223,10 @@ def test_budget_impossible_uses_coarsest_and_says_so(kwargs):
     """When nothing fits, the coarsest candidate is used and ``fits`` is False."""
     policy = BudgetSpacing(cost_model(), RANGE, **kwargs)
     assert policy(NATIVE, SHAPE) == (3.5, 3.5, 3.5)
-    assert policy.decision["fits"] is False
-    assert policy.decision["spacing"] == [3.5, 3.5, 3.5]
-    assert policy.decision["predicted_seconds"] == 0.08  # 2 x 2 x 2 windows
+    decision = policy.decide(NATIVE, SHAPE)
+    assert decision["fits"] is False
+    assert decision["spacing"] == [3.5, 3.5, 3.5]
+    assert decision["predicted_seconds"] == 0.08  # 2 x 2 x 2 windows
 
 
 def test_budget_both_limits_must_hold():
@@ -231,7 +234,7 @@ def test_budget_both_limits_must_hold():
     policy = BudgetSpacing(cost_model(), RANGE, time_budget_s=1.0, memory_budget_gb=0.0015)
     # memory: 37^3 -> 1e6 + 16 * 50653 = 1.81 MB > 1.5 MB; 32^3 -> 1.52 MB > 1.5 MB; 28^3 -> 1.35 MB
     assert policy(NATIVE, SHAPE) == (2.3131, 2.3131, 2.3131)
-    assert policy.decision["fits"] is True
+    assert policy.decide(NATIVE, SHAPE)["fits"] is True
 
 
 @pytest.mark.parametrize("off", [None, 0, 0.0, -1.0])
@@ -239,14 +242,14 @@ def test_budget_zero_or_none_means_no_limit(off):
     """``None`` or ``<= 0`` turns a limit off, even for a huge image."""
     policy = BudgetSpacing(cost_model(), RANGE, time_budget_s=off, memory_budget_gb=off)
     assert policy(NATIVE, (512, 512, 512)) == (1.0, 1.0, 1.0)
-    assert policy.decision["fits"] is True
+    assert policy.decide(NATIVE, (512, 512, 512))["fits"] is True
 
 
 def test_budget_without_range_starts_at_native():
     """No trained range: the first candidate is the native spacing itself."""
     policy = BudgetSpacing(cost_model(), None, time_budget_s=100.0)
     assert policy((0.8, 0.8, 5.0), (40, 36, 8)) == (0.8, 0.8, 5.0)
-    assert policy.decision["candidates"] == 15
+    assert policy.decide((0.8, 0.8, 5.0), (40, 36, 8))["candidates"] == 15
 
 
 @pytest.mark.parametrize("name", ["time_budget_s", "memory_budget_gb"])
@@ -326,8 +329,10 @@ def test_policy_budget_spacing_round_trip():
     budget = BudgetSpacing(cost_model(), None, time_budget_s=0.05)
     pre = Compose([SpacingPolicyd("image", policy=budget)])
     d = pre({"image": image})
-    assert budget.decision["spacing"] == [1.058, 1.058, 5.0]
-    assert budget.decision["fits"] is True and budget.decision["predicted_seconds"] == 0.045
+    # the decision travels in the data dict; the policy object keeps nothing of this image
+    assert d["spacing_decision"]["spacing"] == [1.058, 1.058, 5.0]
+    assert d["spacing_decision"]["fits"] is True and d["spacing_decision"]["predicted_seconds"] == 0.045
+    assert d["spacing_decision"]["policy"] == "BudgetSpacing" and not hasattr(budget, "decision")
     torch.testing.assert_close(d["spacing"], torch.tensor([1.058, 1.058, 5.0]))
     torch.testing.assert_close(d["image"].pixdim.float(), torch.tensor([1.058, 1.058, 5.0]))
     # 40 x 0.8 / 1.058 = 30.2, 36 x 0.8 / 1.058 = 27.2, 8 x 5 / 5 = 8
@@ -483,7 +488,7 @@ def test_whole_window_covers_the_grid_once_and_scales_with_its_voxels():
 def test_budget_with_auto_window_reports_the_window_it_planned_with():
     cost = InferenceCost((16, 16, 16), 0.5, 1, 2, 0.01, 0.0, 1e6, divisor=4)
     policy = BudgetSpacing(cost, None, time_budget_s=100, memory_budget_gb=100, window="auto")
-    policy((1.0,) * 3, (30, 30, 30))
-    assert policy.decision["window"] == "whole" and policy.decision["spacing"] == [1.0, 1.0, 1.0]
+    decision = policy.decide((1.0,) * 3, (30, 30, 30))
+    assert decision["window"] == "whole" and decision["spacing"] == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="window"):
         BudgetSpacing(cost, window="tiles")

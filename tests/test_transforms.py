@@ -348,7 +348,7 @@ def test_separable_resampling_equals_gaussian_filter_then_grid_sample():
     import torch.nn.functional as F
     from monai.networks.layers import GaussianFilter
 
-    from custom_networks.transforms import _resample
+    from custom_networks.resample import resample_axes as _resample
 
     torch.manual_seed(0)
     src = torch.randn(2, 30, 26, 22)

@@ -27,21 +27,25 @@ import json
 import logging
 import math
 import os
+import tempfile
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from fastapi import HTTPException
-from monai.transforms import Activationsd, AsDiscreted, Compose, Invertd, SqueezeDimd
+from monai.transforms import SqueezeDimd
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import name_to_device
 
 from custom_networks.cost import BudgetSpacing, InferenceCost
 from custom_networks.fast import UNetEngine
+from custom_networks.fileio import write_label
 from custom_networks.interactive import ClickError
 from custom_networks.profiling import measure
 from custom_networks.spacing import parse_spacing
+from custom_networks.transforms import NativeLabelsd
 
 if TYPE_CHECKING:
     from ..configs.hyperspace import HyperSpaceConfig
@@ -50,8 +54,10 @@ SPACING_MODES = ("clamp", "native", "target", "auto")
 WINDOW_MODES = ("auto", "patch", "whole")
 logger = logging.getLogger(__name__)
 _PRE = "hyperspace_preprocessing"
-_BUDGET = "hyperspace_budget"
 _WINDOW = "hyperspace_window"
+# where SpacingPolicyd finds the request's start (time.perf_counter()), so that auto's budget
+# covers reading the image too
+_START = "request_start"
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -182,8 +188,8 @@ class HyperSpaceSegmentation(BasicInferTask):
                 memory_budget_gb=options["memory_budget_gb"],
                 window=options["window"],
             )
+            # this request's own parsed transform: no other request sees the policy
             parser.get_parsed_content("resample").policy = budget
-            data[_BUDGET] = budget
         data[_PRE] = preprocessing
         return preprocessing.transforms
 
@@ -213,7 +219,7 @@ class HyperSpaceSegmentation(BasicInferTask):
             window = self.cost(device).choose_window(shape, budget)
         inferer = self.inferer(data)
         if window == "whole":
-            divisor = network.layout.divisor
+            divisor = int(getattr(network.layout, "divisor", 1) or 1)
             inferer.roi_size = tuple(-(-s // divisor) * divisor for s in shape)
         data[_WINDOW] = window
         with torch.no_grad(), torch.autocast("cuda", enabled=str(device).startswith("cuda")):
@@ -224,27 +230,38 @@ class HyperSpaceSegmentation(BasicInferTask):
 
     def post_transforms(self, data=None) -> Sequence[Callable]:
         return [
-            Activationsd(keys="pred", softmax=True),
-            # linear on probabilities, then argmax: smoother than nearest on labels
-            Invertd(keys="pred", transform=data[_PRE], orig_keys="image", nearest_interp=False, to_tensor=True),
-            AsDiscreted(keys="pred", argmax=True),
+            # softmax, linear back to the native grid and orientation, argmax: fused, so that the
+            # class probabilities are never held on the native grid
+            NativeLabelsd(keys="pred", transform=data[_PRE], orig_keys="image"),
             SqueezeDimd(keys="pred", dim=0),
         ]
 
     def writer(self, data: dict, extension=None, dtype=None):
-        label, result = super().writer(data, extension, dtype)
+        extension = extension or data.get("result_extension") or ".nii.gz"
+        if str(extension).lower() in (".nii", ".nii.gz") and data.get("result_write_to_file", True):
+            # MONAI Label writes NIfTI through ITK at its own gzip level; ours is atomic and fast
+            level = _budget(data, "result_compress_level", 1)
+            if level not in range(10):
+                raise HTTPException(400, f"result_compress_level {data.get('result_compress_level')!r} must be a gzip level from 0 to 9.")
+            label = tempfile.NamedTemporaryFile(suffix=str(extension), delete=False).name
+            write_label(data["pred"], label, compresslevel=int(level), dtype=dtype or data.get("result_dtype") or "uint8")
+            result = dict(data.get(self.output_json_key) or {})
+        else:
+            label, result = super().writer(data, extension, dtype)
         image = data[self.input_key]
+        decision = data.get("spacing_decision", {})
         result["spacing_mode"] = self.spacing_options(data)["mode"]
         result["native_spacing_mm"] = [round(float(s), 4) for s in data["pred"].pixdim]
         result["working_spacing_mm"] = [round(float(s), 4) for s in data["spacing"]]
         result["working_shape"] = list(image.shape[1:])
         result["window"] = data[_WINDOW]
-        if data.get(_BUDGET) is not None:
-            result["auto"] = data[_BUDGET].decision
+        if "predicted_seconds" in decision:
+            result["auto"] = {k: v for k, v in decision.items() if k not in ("policy", "native_spacing")}
         return label, result
 
     def __call__(self, request, callbacks=None):
         device = name_to_device(request.get("device") or self._config["device"])
+        request = {**request, _START: time.perf_counter()}
         try:
             with measure(device) as m:
                 label, result = super().__call__(request, callbacks)
