@@ -39,9 +39,12 @@ from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.transforms import EnsureChannelFirstd, LoadImaged, MapTransform, Orientationd
 
-from .spacing import SpacingRange
+from .spacing import PHYSICAL_SPACING_MM, SpacingRange
 
-__all__ = ["DATASETS", "CheckImaged", "DatasetSpec", "MapLabelsd", "check_image", "format_values", "get_dataset"]
+__all__ = ["DATASETS", "MIN_SIZE", "CheckImaged", "DatasetSpec", "MapLabelsd", "check_image", "format_values", "get_dataset"]
+
+# fewest voxels per axis of an image to segment: below it no 3x3x3 convolution sees a neighbourhood
+MIN_SIZE = 4
 
 
 def format_values(values) -> str:
@@ -263,14 +266,16 @@ class MapLabelsd(MapTransform):
         return d
 
 
-def check_image(img: torch.Tensor, spatial_dims: int = 3, channels: int = 1, key: str = "image") -> tuple[float, ...]:
+def check_image(img: torch.Tensor, spatial_dims: int = 3, channels: int = 1, key: str = "image", min_size: int = MIN_SIZE) -> tuple[float, ...]:
     """Check a channel-first image as ``EnsureChannelFirstd`` leaves it; return its spacing (mm).
 
     Rules: the image is ``(channels, X, Y, Z)`` (one volume: a 4-D file with several volumes, e.g.
     several modalities or time points, becomes ``(C > 1, X, Y, Z)`` and is refused; a 2-D or 5-D file
-    has the wrong number of dimensions); its affine gives a positive, finite spacing on every axis
-    and is invertible. MONAI's own ``affine_to_spacing`` (and ``MetaTensor.pixdim``) report a zero
-    spacing as 1 mm, so the raw affine is read here with ``suppress_zeros=False``.
+    has the wrong number of dimensions), with at least ``min_size`` voxels on every axis; every voxel
+    is finite (no NaN or Inf); its affine gives a spacing within
+    :data:`~custom_networks.spacing.PHYSICAL_SPACING_MM` on every axis and is invertible. MONAI's
+    own ``affine_to_spacing`` (and ``MetaTensor.pixdim``) report a zero spacing as 1 mm, so the raw
+    affine is read here with ``suppress_zeros=False``.
 
     Raises:
         ValueError: naming the file (``meta["filename_or_obj"]``), the value and what was expected.
@@ -290,12 +295,26 @@ def check_image(img: torch.Tensor, spatial_dims: int = 3, channels: int = 1, key
             f"expected {channels}, shape {expected_shape}: give one modality per file (a 4-D file with several "
             "volumes is not a single image)."
         )
+    if min(img.shape[1:]) < min_size:
+        raise ValueError(
+            f"{name}: '{key}' has spatial shape {tuple(img.shape[1:])}; expected at least {min_size} voxels on every "
+            "axis (a network cannot segment a line or a point)."
+        )
+    if img.is_floating_point() and not bool(torch.isfinite(img).all()):
+        bad = int((~torch.isfinite(img)).sum())
+        raise ValueError(f"{name}: '{key}' has {bad} NaN or infinite voxel(s); expected finite intensities everywhere.")
     affine = img.affine.detach().cpu().to(torch.float64)
     spacing = tuple(float(s) for s in affine_to_spacing(affine, r=spatial_dims, suppress_zeros=False))
+    low, high = PHYSICAL_SPACING_MM
     if any(not math.isfinite(s) or s <= 0 for s in spacing):
         raise ValueError(
             f"{name}: '{key}' has voxel spacing {list(spacing)} mm in its header (affine); expected positive, finite "
             "values on every axis. Fix the file's header (NIfTI sform/qform and pixdim, or ITK spacing)."
+        )
+    if any(not low <= s <= high for s in spacing):
+        raise ValueError(
+            f"{name}: '{key}' has voxel spacing {[round(s, 6) for s in spacing]} mm in its header; expected {low:g} to "
+            f"{high:g} mm on every axis. The header is likely broken (units, pixdim): fix it before segmenting."
         )
     if abs(float(torch.linalg.det(affine[:spatial_dims, :spatial_dims]))) < 1e-12 * math.prod(spacing):
         raise ValueError(f"{name}: '{key}' has a singular affine {affine.tolist()}; its axes are not independent.")
@@ -314,16 +333,17 @@ class CheckImaged(MapTransform):
         channels: channels of every key (one modality; one label map).
     """
 
-    def __init__(self, keys: KeysCollection, spatial_dims: int = 3, channels: int = 1, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, spatial_dims: int = 3, channels: int = 1, min_size: int = MIN_SIZE, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.spatial_dims = spatial_dims
         self.channels = channels
+        self.min_size = int(min_size)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
         ref_key = None
         for key in self.key_iterator(d):
-            check_image(d[key], self.spatial_dims, self.channels, key=str(key))
+            check_image(d[key], self.spatial_dims, self.channels, key=str(key), min_size=self.min_size)
             if ref_key is None:
                 ref_key = key
             elif d[key].shape[1:] != d[ref_key].shape[1:]:

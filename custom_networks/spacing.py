@@ -14,9 +14,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["SPACING_POLICIES", "SpacingRange", "as_spacing_tensor", "parse_spacing", "working_spacing"]
+__all__ = ["PHYSICAL_SPACING_MM", "SPACING_POLICIES", "SpacingRange", "as_spacing_tensor", "parse_spacing", "working_spacing"]
 
 SPACING_POLICIES = ("native", "target", "clamp")
+# voxel spacings (mm) an image header can sensibly hold: below 10 um or above 5 cm the header is
+# broken (a unit mix-up, a missing pixdim) rather than the scan unusual
+PHYSICAL_SPACING_MM = (0.01, 50.0)
 
 
 def _check_values(values: Sequence[float], what: str, expected: str) -> tuple[float, ...]:

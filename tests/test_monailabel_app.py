@@ -69,6 +69,12 @@ def _write_studies(root: str) -> tuple[str, str]:
     shutil.copy(glob.glob(os.path.join(spine, "images", "*.mha"))[0], os.path.join(studies, "spine.mha"))
     with open(os.path.join(studies, "corrupt.nii.gz"), "wb") as f:
         f.write(b"this is not a NIfTI file")
+    # images whose content or header no model should run on
+    bad = np.random.default_rng(0).random((24, 24, 16)).astype(np.float32)
+    bad[3, 4, 5] = np.nan
+    nib.save(nib.Nifti1Image(bad, np.eye(4)), os.path.join(studies, "nan.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones((1, 1, 1), np.float32), np.eye(4)), os.path.join(studies, "tiny.nii.gz"))
+    nib.save(nib.Nifti1Image(np.ones((24, 24, 16), np.float32), np.diag([1.0, 1.0, 1e-6, 1.0])), os.path.join(studies, "tinyspacing.nii.gz"))
     return studies, labels
 
 
@@ -160,7 +166,7 @@ def test_info_lists_every_bundle_with_its_options(server):
     assert model["trained"] is False and "Not trained yet" in model["description"]
     assert set(info["trainers"][MODEL]["config"]) >= {"max_epochs", "learning_rate", "spacing_range_mm"}
     assert set(info["strategies"]) == {"random", "first"}
-    assert info["datastore"]["total"] == 6
+    assert info["datastore"]["total"] == 9
 
 
 def test_infer_without_weights_says_how_to_get_them(server):
@@ -181,7 +187,10 @@ def test_infer_without_weights_says_how_to_get_them(server):
         (MODEL, "case0", {"spacing_mode": "target", "target_spacing_mm": "a,b,c"}, 400, "'a,b,c' is not numeric"),
         (MODEL, "case0", {"spacing_mode": "auto", "time_budget_s": "soon"}, 400, "time_budget_s 'soon' is not a number"),
         (MODEL, "case0", {"window": "tiles"}, 400, "window 'tiles' is not one of"),
-        (MODEL, "corrupt", {}, 422, "corrupt.nii.gz' could not be read"),
+        (MODEL, "corrupt", {}, 415, "corrupt.nii.gz' is not an image this server can read"),
+        (MODEL, "nan", {}, 422, "has 1 NaN or infinite voxel(s)"),
+        (MODEL, "tiny", {}, 422, "expected at least 4 voxels on every axis"),
+        (MODEL, "tinyspacing", {"spacing_mode": "native"}, 422, "expected 0.01 to 50 mm on every axis"),
     ],
 )
 def test_bad_infer_requests_get_a_clear_error_and_the_server_goes_on(server, model, image, params, status, words):
@@ -201,7 +210,7 @@ def test_training_without_labels_is_refused(server):
 def test_activelearning_returns_unlabelled_images(server):
     client = server["client"]
     assert client.next_sample("first", {})["id"] == "case0"  # first by sorted id
-    unlabelled = {"case0", "case1", "case2", "thick", "spine", "corrupt"}
+    unlabelled = {"case0", "case1", "case2", "thick", "spine", "corrupt", "nan", "tiny", "tinyspacing"}
     assert client.next_sample("random", {})["id"] in unlabelled
     status, msg = _error(client.next_sample, "smartest", {})
     assert status == 404 and "no strategy 'smartest'" in msg
@@ -261,9 +270,20 @@ def test_annotate_train_and_segment(server):
                 np.testing.assert_allclose(out["native_spacing_mm"], native, atol=1e-4)
             if expected is not None and native is not None:
                 np.testing.assert_allclose(out["working_spacing_mm"], expected(native), atol=1e-4)
+            # outside BraTS's trained 1-3 mm (thick slices in native mode) the result says so
+            assert out["trained_spacing_range_mm"] == "1,3"
+            assert out["extrapolated"] is (not all(1.0 <= s <= 3.0 for s in out["working_spacing_mm"]))
             if params["spacing_mode"] == "auto":
                 assert out["auto"]["fits"] is True and out["auto"]["predicted_seconds"] <= 60
                 assert out["working_spacing_mm"] == out["auto"]["spacing"]
+    # NIfTI results at the gzip level asked for; a level that is none gets a 400
+    for level in (1, 9):
+        result, _ = client.infer(MODEL, "case0", {"spacing_mode": "target", "target_spacing_mm": "2", "result_extension": ".nii.gz",
+                                                  "result_dtype": "uint8", "result_compress_level": level})
+        assert result.endswith(".nii.gz")
+        _assert_same_geometry(result, os.path.join(studies, "case0.nii.gz"))
+    status, msg = _error(client.infer, MODEL, "case0", {"result_extension": ".nii.gz", "result_compress_level": 12})
+    assert status == 400 and "result_compress_level 12" in msg
     # auto with a budget nothing meets: the coarsest candidate, and it says so
     _, out = client.infer(MODEL, "case0", {"spacing_mode": "auto", "time_budget_s": 1e-6, **SLICER})
     assert out["auto"]["fits"] is False and min(out["working_spacing_mm"]) >= 2.9

@@ -67,6 +67,19 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
+def _failed_reading(error: BaseException) -> bool:
+    """Whether ``error`` (or what it wraps) was raised while MONAI's image readers read a file."""
+    while error is not None:
+        tb = error.__traceback__
+        while tb is not None:
+            name = tb.tb_frame.f_code.co_filename.replace(os.sep, "/")
+            if "monai/data/image_reader" in name or "monai/transforms/io/" in name:
+                return True
+            tb = tb.tb_next
+        error = error.__cause__
+    return False
+
+
 def _root_message(error: BaseException) -> str:
     cause = _root_cause(error)
     return f"{type(cause).__name__}: {cause}"
@@ -201,7 +214,15 @@ class HyperSpaceSegmentation(BasicInferTask):
         except Exception as e:
             if isinstance(_root_cause(e), ClickError):
                 raise HTTPException(400, str(_root_cause(e))) from None
-            raise HTTPException(422, f"image {data.get('image_path') or data.get('image')!r} could not be read or prepared: {_root_message(e)}") from e
+            image = data.get("image_path") or data.get("image")
+            if _failed_reading(e):
+                raise HTTPException(
+                    415,
+                    f"{image!r} is not an image this server can read (NIfTI .nii/.nii.gz, NRRD .nrrd, MetaImage .mha/.mhd): "
+                    f"{_root_message(e)}",
+                ) from e
+            # bad content (NaN voxels, a broken spacing, too few voxels) names the file and the value
+            raise HTTPException(422, f"image {image!r} could not be read or prepared: {_root_message(e)}") from e
 
     def inferer(self, data=None):
         return self.bundle.parser("inference.json").get_parsed_content("inferer")
@@ -255,6 +276,10 @@ class HyperSpaceSegmentation(BasicInferTask):
         result["working_spacing_mm"] = [round(float(s), 4) for s in data["spacing"]]
         result["working_shape"] = list(image.shape[1:])
         result["window"] = data[_WINDOW]
+        # outside the trained range (possible in native and target modes) the generated weights
+        # extrapolate: say so, with the range
+        result["extrapolated"] = not self.trained_range.contains(result["working_spacing_mm"])
+        result["trained_spacing_range_mm"] = self.trained_range.to_string()
         if "predicted_seconds" in decision:
             result["auto"] = {k: v for k, v in decision.items() if k not in ("policy", "native_spacing")}
         return label, result
