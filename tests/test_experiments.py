@@ -119,9 +119,17 @@ def test_sweep_writes_tidy_rows_and_resumes_without_duplicates(tmp_path):
     for r in rows:
         assert math.isnan(float(r["dice_1"])) or 0.0 <= float(r["dice_1"]) <= 1.0
         assert float(r["seconds"]) > 0
-    # hs_clamp ran at 1.5 mm at most, but is scored at the sweep spacing
-    clamp = [r for r in rows if r["method"] == "hs_clamp" and r["sweep"] != "native"]
-    assert all(max(int(v) for v in r["working_shape"].split("x")) <= 24 for r in clamp)
+    # hs runs at the sweep spacing; hs_clamp at the sweep spacing clamped into its trained range
+    # [1, 1.5] mm, so on a finer grid wherever the sweep is coarser (it is still scored at the sweep spacing)
+    extent_mm = np.array([24.0, 20.0, 24.0])  # the case's field of view: (24, 20, 12) voxels at (1, 1, 2) mm
+    swept = [r for r in rows if r["method"] in ("hs", "hs_clamp") and r["sweep"] != "native"]
+    for r in swept:
+        spacing = np.array([float(r[f"spacing_{i}"]) for i in range(3)])
+        run_at = np.clip(spacing, 1.0, 1.5) if r["method"] == "hs_clamp" else spacing
+        shape = np.array([int(v) for v in r["working_shape"].split("x")])
+        np.testing.assert_allclose(shape, extent_mm / run_at, atol=1.0, err_msg=str(r))
+    coarse = [r for r in swept if r["method"] == "hs_clamp" and max(float(r[f"spacing_{i}"]) for i in range(3)) > 1.6]
+    assert coarse, "no sweep spacing outside the clamp range: the draws no longer test the clamp"
 
     # interrupted: drop the last three rows, run again: only they are recomputed, none duplicated
     with open(out) as f:

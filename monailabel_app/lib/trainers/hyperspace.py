@@ -167,6 +167,9 @@ class HyperSpaceTrain(TrainTask):
             "spacing_range": [[lo, hi] for lo, hi in zip(options["spacing_range"].low, options["spacing_range"].high)],
             "ckpt_dir": os.path.dirname(checkpoint),
             "model_file": os.path.basename(checkpoint),
+            # a new run into the served checkpoint, on purpose (fine-tuned from it when pretrained):
+            # train.json refuses to overwrite a previous run without this
+            "overwrite": True,
             "output_dir": self.output_dir,
             "train#dataset#data": train,
             "validate#dataset#data": val,
