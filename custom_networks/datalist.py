@@ -224,7 +224,13 @@ def load_split(dataset: str | DatasetSpec, dataset_dir: str, split: str, data_li
         if not os.path.isfile(data_list_file):
             raise FileNotFoundError(f"data list file {data_list_file} does not exist.")
         with open(data_list_file) as f:
-            datalist = json.load(f)
+            try:
+                datalist = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"data list file {data_list_file} is not valid JSON ({e}); expected a MONAI data list "
+                                 "such as {\"training\": [{\"image\": ..., \"label\": ...}], ...}.") from None
+        if not isinstance(datalist, dict):
+            raise ValueError(f"data list file {data_list_file} holds a {type(datalist).__name__}; expected a JSON object of splits.")
         source = data_list_file
     else:
         datalist = make_datalist(dataset, dataset_dir, seed=seed)

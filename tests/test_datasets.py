@@ -325,3 +325,13 @@ def test_datalist_cli_bad_root_subprocess(tmp_path):
     assert run.returncode != 0
     assert f"error: spider data folder {bad} does not exist" in run.stderr and "Traceback" not in run.stderr
     assert not output.exists()
+
+
+@pytest.mark.parametrize("content", ["", "[1, 2]", "{not json"])
+def test_a_malformed_data_list_file_is_named(tmp_path, content):
+    from custom_networks.datalist import load_split
+
+    path = tmp_path / "datalist.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="datalist.json"):
+        load_split("brats", str(tmp_path), "training", str(path))
