@@ -33,8 +33,9 @@ import nibabel as nib
 import numpy as np
 import requests
 import torch
-from monai.bundle import ConfigParser
 from monailabel.client import MONAILabelClient
+
+from custom_networks.bundle_tools import bundle_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = "brats_mri_tumour_segmentation"
@@ -51,9 +52,7 @@ def _image(path: str, size, spacing: float, seed: int = 0) -> None:
 
 
 def _checkpoint(path: str, overrides: dict) -> None:
-    parser = ConfigParser()
-    parser.read_config(os.path.join(ROOT, "bundles", BUNDLE, "configs", "inference.json"))
-    parser.update({"bundle_root": os.path.join(ROOT, "bundles", BUNDLE), **overrides})
+    parser = bundle_parser(os.path.join(ROOT, "bundles", BUNDLE), "inference.json", overrides)
     torch.save(parser.get_parsed_content("network_def").state_dict(), path)
 
 

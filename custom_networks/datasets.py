@@ -95,6 +95,7 @@ class DatasetSpec:
         evaluation_ranges: named spacing intervals (mm) of the paper's Monte Carlo evaluation
             (Table 2).
         axcodes: orientation the images are brought to before any per-axis value applies.
+        default_dir: where a bundle looks for the data set unless told (``--dataset_dir``).
     """
 
     name: str
@@ -114,6 +115,7 @@ class DatasetSpec:
     case_pattern: str
     evaluation_ranges: Mapping[str, SpacingRange] = field(default_factory=dict)
     axcodes: str = "RAS"
+    default_dir: str = ""
 
     def __post_init__(self) -> None:
         # read-only views, so that a shared spec cannot be changed by one of its users
@@ -370,6 +372,7 @@ _SPIDER_COMMON = dict(
     image_template="images/{case}_{modality}.mha",
     label_template="masks/{case}_{modality}.mha",
     case_pattern=r"\d+",
+    default_dir="/data/SPIDER",
     evaluation_ranges={
         "wide": SpacingRange((1.0, 0.2, 0.2), (5.0, 1.5, 1.5)),
         "narrow": SpacingRange((3.0, 0.4, 0.4), (3.5, 0.8, 0.8)),
@@ -395,6 +398,7 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
             image_template="{case}/{case}_{modality}.nii.gz",
             label_template="{case}/{case}_seg.nii.gz",
             case_pattern=r"BraTS2021_\d+",
+            default_dir="/data/BraTS2021",
             evaluation_ranges={
                 "wide": SpacingRange((0.5, 0.5, 0.5), (3.5, 3.5, 3.5)),
                 "narrow": SpacingRange((0.8, 0.8, 0.8), (1.2, 1.2, 1.2)),
@@ -441,6 +445,7 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
             image_template="mr_train/mr_train_{case}_image.nii.gz",
             label_template="mr_train/mr_train_{case}_label.nii.gz",
             case_pattern=r"\d+",
+            default_dir="/data/MM-WHS",
             evaluation_ranges={
                 "wide": SpacingRange((0.5, 0.5, 0.5), (3.5, 3.5, 3.5)),
                 "narrow": SpacingRange((0.7, 0.7, 1.0), (1.1, 1.1, 1.4)),

@@ -340,13 +340,9 @@ def plot_sweep(csv_path: str, output_dir: str, trained_range: SpacingRange | Non
 
 
 def _bundle_parser(bundle_dir: str, extra: str | None, overrides: dict):
-    from monai.bundle import ConfigParser
+    from .bundle_tools import bundle_parser
 
-    configs = os.path.join(bundle_dir, "configs")
-    parser = ConfigParser()
-    parser.read_config([os.path.join(configs, "inference.json")] + ([os.path.join(configs, extra)] if extra else []))
-    parser.update({"bundle_root": bundle_dir, **overrides})
-    return parser
+    return bundle_parser(bundle_dir, ["inference.json"] + ([extra] if extra else []), overrides)
 
 
 def load_methods(bundle_dir: str, checkpoints: dict | None = None, methods: Sequence[str] = METHODS, device="cpu", overrides: dict | None = None):

@@ -108,5 +108,6 @@ def run_network(network: torch.nn.Module, window: SpacingSlidingWindowInferer, d
     amp = device.type == "cuda" if amp is None else amp
     x = data["image"][None].to(device)
     spacing = torch.as_tensor(data["spacing"], dtype=torch.float32)[None].to(device)
-    with torch.no_grad(), torch.autocast(device.type, enabled=amp):
+    # bf16, the dtype UNetEngine's compiled path uses: one autocast dtype for the whole forward
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         return window(x, network, spacing=spacing)[0].float().cpu()

@@ -8,8 +8,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+def _run(*args, env=None):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -30,7 +30,8 @@ def test_bench_augmentation_prints_per_sample_cost():
 def test_bench_monailabel_sends_requests_through_the_real_server():
     """Tiny image and network: the server starts, answers every mode, and the table is printed."""
     out = _run("benchmarks/bench_monailabel.py", "--modes", "target:3,auto:5", "--repeats", "1", "--size", "[40,40,24]",
-               "--overrides", '{"patch_size": [32, 32, 32], "network_def#channels": [8, 16]}')
+               "--overrides", '{"patch_size": [32, 32, 32], "network_def#channels": [8, 16]}',
+               env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # the server on the CPU (cpu_rss), also where CUDA is available
     assert re.search(r"\| target:3 \| 3x3x3 \| \d+x\d+x\d+ \| (patch|whole) \| [\d.]+ s \| nan s \| [\d.]+ s \| - \| [\d.]+ GB \(cpu_rss\) \|", out), out
     assert re.search(r"\| auto:5 \| [\d.x]+ \| [\dx]+ \| (patch|whole) \|", out), out
     assert "image 40x40x24 at 1 mm" in out
@@ -44,3 +45,19 @@ def test_bench_inference_prints_end_to_end_peer_and_training_tables():
     for peer in ("nnU-Net-like, 128^3 windows", "nnU-Net-like, 128^3 windows + mirroring", "SegResNet (BraTS bundle), one window"):
         assert re.search(rf"\| {re.escape(peer)} \| [\d.e-]+ s \|", out), out
     assert re.search(r"real input path / data on the device: [\d.]+", out), out
+
+
+def test_bench_pipeline_writes_the_stage_memory_and_auto_tables(tmp_path):
+    """Small grids, new pipeline only: the Markdown file holds every stage row with a time."""
+    _run("benchmarks/bench_pipeline.py", "--device", "cpu", "--scale", "0.2", "--old", "false", "--worst_case", "false",
+         "--budgets", "[20]", "--output_dir", str(tmp_path))
+    text = (tmp_path / "bench_pipeline.md").read_text()
+    time = r"[\d.]+ m?s"
+    assert text.count("| network | - | ") == 2, text  # both cases, no old column
+    for stage in ("read", "z-score", "resample", "network", "way back", "total"):
+        assert len(re.findall(rf"^\| {re.escape(stage)} \| - \| {time} \|", text, re.M)) == 2, (stage, text)
+    assert len(re.findall(rf"^\| write \(old: ITK \.nii\.gz; new: \.nrrd\) \| - \| {time} \|", text, re.M)) == 2, text
+    assert len(re.findall(r"^\| \*\*outside network / network\*\* \(target <= 1\.0\) \| - \| [\d.]+ \|", text, re.M)) == 2, text
+    assert re.search(rf"^\| 8 \| smooth random logits \(no 8-class network run\) \| [\d.]+ % \| new \| {time} \| \d+ MB \| [\d.]+ \| (yes|no) \|", text, re.M), text
+    assert re.search(rf"^\| 20 s \| [\d.x]+ mm \| [\dx]+ \| [\d.]+ s \| [\d.]+ s \|", text, re.M), text
+    assert "hardware: " in text and (tmp_path / "bench_pipeline.csv").read_text().startswith("table,case,pipeline,item,value,unit")

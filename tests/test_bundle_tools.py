@@ -332,3 +332,70 @@ def test_pack_runs_without_the_repository(bundle, trained, tmp_path, capsys):
     with torch.no_grad():
         expected = trained(x, torch.tensor([[1.0, 1.5, 2.5]]))
     assert torch.allclose(torch.load(unpacked / "y.pt"), expected, atol=ATOL)
+
+
+# --------------------------------------------------------------------------- the repository's bundles: one source
+
+REPO_BUNDLES = {"brats": "brats_mri_tumour_segmentation", "spider": "spider_mri_spine_segmentation", "mmwhs": "mmwhs_mri_heart_segmentation"}
+
+
+@pytest.mark.parametrize("name", REPO_BUNDLES)
+def test_each_bundle_holds_only_its_differences(name):
+    """Shared configs are links to bundles/common; the bundle's own metadata names its data set,
+    holds no generated entry, and its versions are the pinned requirements."""
+    bundle = REPO / "bundles" / REPO_BUNDLES[name]
+    common = REPO / "bundles" / "common" / "configs"
+    own = sorted(p.name for p in (bundle / "configs").iterdir() if not p.is_symlink())
+    assert own == ["metadata.json"]
+    for link in (bundle / "configs").iterdir():
+        if link.is_symlink():
+            assert link.resolve() == (common / link.name).resolve()
+    assert sorted(p.name for p in common.iterdir()) == sorted(p.name for p in (bundle / "configs").iterdir() if p.is_symlink())
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    assert meta["dataset_name"] == name
+    assert not set(meta) & set(bundle_tools.DERIVED_METADATA)
+    pins = bundle_tools._pins()
+    assert (meta["monai_version"], meta["pytorch_version"], meta["numpy_version"]) == (pins["monai"], pins["torch"], pins["numpy"])
+
+
+@pytest.mark.parametrize("name", REPO_BUNDLES)
+def test_generated_metadata_follows_datasets_py(name):
+    from custom_networks import get_dataset
+
+    spec = get_dataset(name)
+    meta = bundle_tools.metadata(REPO / "bundles" / REPO_BUNDLES[name])
+    inputs, pred = meta["network_data_format"]["inputs"], meta["network_data_format"]["outputs"]["pred"]
+    assert inputs["spacing"] == spacing_input_description(spec.spacing_range)
+    assert inputs["image"]["num_channels"] == 1 and inputs["image"]["channel_def"] == {"0": spec.modality}
+    assert pred["num_channels"] == spec.num_classes
+    assert list(pred["channel_def"].values()) == [c.replace("_", " ") for c in spec.classes]
+    assert meta["required_packages_version"]["nibabel"] == bundle_tools._pins()["nibabel"]
+
+
+def test_bundle_folders_repeat_fewer_than_40_config_lines():
+    """Configuration lines of one bundle folder that stand again in another (links not counted)."""
+    def lines(folder):
+        out = set()
+        for p in folder.rglob("*"):
+            if p.is_file() and not p.is_symlink() and p.suffix in (".json", ".conf", ".yaml"):
+                out |= {ln.strip() for ln in p.read_text().splitlines() if len(ln.strip()) > 2}
+        return out
+
+    folders = [lines(REPO / "bundles" / b) for b in REPO_BUNDLES.values()]
+    repeated = set()
+    for i, a in enumerate(folders):
+        for b in folders[i + 1 :]:
+            repeated |= a & b
+    assert len(repeated) < 40, sorted(repeated)
+
+
+def test_a_linked_bundle_that_types_generated_metadata_is_refused(tmp_path):
+    bundle = tmp_path / "bundles" / "mine"
+    shutil.copytree(REPO / "bundles" / "common", tmp_path / "bundles" / "common")
+    (bundle / "configs").mkdir(parents=True)
+    for p in (tmp_path / "bundles" / "common" / "configs").iterdir():
+        (bundle / "configs" / p.name).symlink_to(Path("../../common/configs") / p.name)
+    meta = json.loads((REPO / "bundles" / REPO_BUNDLES["brats"] / "configs" / "metadata.json").read_text())
+    (bundle / "configs" / "metadata.json").write_text(json.dumps({**meta, "pred_classes": "0: nothing"}))
+    with pytest.raises(ValueError, match="pred_classes"):
+        bundle_tools.metadata(bundle)

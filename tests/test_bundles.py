@@ -41,7 +41,8 @@ def run_bundle(name, run_id, configs, *overrides, expect_ok=True):
     files = [os.path.join(bundle_dir(name), "configs", c) for c in configs]
     config_file = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *SMALL[name], *overrides]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # CPU-sized runs pinned to the CPU (device and amp follow torch.cuda.is_available() in the configs)
+    result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=900)
     if expect_ok:
         assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result
@@ -119,35 +120,52 @@ def test_interactive_training_and_inference_commands(tmp_path):
 
 
 @pytest.mark.parametrize("trained", ["brats"], indirect=True)  # packing is the same for every bundle
-def test_packed_zip_runs_inference_outside_the_repository(trained, tmp_path):
-    """A shared bundle needs only the requirements: unzip it away from this checkout and run it."""
-    import shutil
+def test_packed_zip_trains_infers_and_passes_monai_checks_outside_the_repository(trained, tmp_path):
+    """A shared bundle needs only the requirements: unzip it away from this checkout, then train one
+    short epoch and infer with the model zoo's single-file commands, and pass MONAI's checks."""
+    import json
     import zipfile
 
     from custom_networks.bundle_tools import pack
 
     name, data, root = trained
-    staged = tmp_path / "staged" / BUNDLES[name]
-    shutil.copytree(bundle_dir(name), staged, ignore=shutil.ignore_patterns("eval", "models"))
-    (staged / "models").mkdir()
-    shutil.copy(os.path.join(root, "models", "model.pt"), staged / "models" / "model.pt")
-    archive = pack(str(staged), output=str(tmp_path / "bundle.zip"))
-    elsewhere = tmp_path / "elsewhere"
+    archive = pack(bundle_dir(name), output=str(tmp_path / "bundle.zip"), ckpt=os.path.join(root, "models", "model.pt"))
     with zipfile.ZipFile(archive) as z:
+        # real files, not links to bundles/common, and the whole metadata
+        assert not any((info.external_attr >> 16) & 0o170000 == 0o120000 for info in z.infolist())
+        meta = json.loads(z.read(f"{BUNDLES[name]}/configs/metadata.json"))
+        assert meta["dataset_name"] == name and "network_data_format" in meta
+        elsewhere = tmp_path / "elsewhere"
         z.extractall(elsewhere)
     unpacked = elsewhere / BUNDLES[name]
     assert not str(unpacked).startswith(ROOT)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["PYTHONPATH"] = str(unpacked)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # on the CPU, also where CUDA is available
     where = subprocess.run([sys.executable, "-c", "import custom_networks; print(custom_networks.__file__)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True)
     assert where.stdout.strip().startswith(str(unpacked)), where.stdout + where.stderr
+
+    def run(*args):
+        result = subprocess.run([sys.executable, *args], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, f"{args}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        return result
+
+    configs = unpacked / "configs"
     out = tmp_path / "pred"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(unpacked / "configs" / "inference.json"),
-           "--bundle_root", str(unpacked), "--dataset_dir", data, "--output_dir", str(out), *SMALL[name]]
-    result = subprocess.run(cmd, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run("-m", "monai.bundle", "run", "inference", "--config_file", str(configs / "inference.json"),
+        "--bundle_root", str(unpacked), "--dataset_dir", data, "--output_dir", str(out), *SMALL[name])
     assert len(list(out.glob("*_seg.nii.gz"))) == 5
+    trained_again = tmp_path / "train_run"
+    run("-m", "monai.bundle", "run", "training", "--config_file", str(configs / "train.json"), "--bundle_root", str(trained_again),
+        "--dataset_dir", data, "--epochs", "1", "--val_interval", "1", "--num_workers", "0", "--batch_size", "2", *SMALL[name])
+    assert (trained_again / "models" / "model.pt").is_file()
+    # MONAI's checks on the unzipped bundle: metadata schema, network in/out with the spacing, properties
+    run("-m", "custom_networks.bundle_tools", "verify", str(unpacked), "--device", "cpu", "--n", "2")
+    run("-c", "from monai.bundle import ConfigWorkflow; import sys; r, d = sys.argv[1:]\n"
+        "for c, t in (('train.json', 'train'), ('inference.json', 'infer')):\n"
+        "    w = ConfigWorkflow(config_file=f'{r}/configs/{c}', workflow_type=t, bundle_root=r, dataset_dir=d)\n"
+        "    w.initialize(); assert not w.check_properties(), w.check_properties()", str(unpacked), data)
 
 
 @pytest.mark.parametrize("name", list(BUNDLES))
@@ -191,7 +209,8 @@ def test_ddp_two_processes_gloo_write_one_checkpoint(tmp_path):
         "--dataset_dir", data, "--bundle_root", root, "--epochs", "1", "--val_interval", "1",
         "--num_workers", "0", "--batch_size", "1", *SMALL["brats"],
     ]
-    env = {**os.environ, "TORCH_SHOW_CPP_STACKTRACES": "1"}
+    # gloo on the CPU: with CUDA visible, multi_gpu_train.json would put the 2 ranks on cuda:0 and cuda:1 with nccl
+    env = {**os.environ, "TORCH_SHOW_CPP_STACKTRACES": "1", "CUDA_VISIBLE_DEVICES": ""}
     # No retry. The earlier one retried on "terminate called without an active exception", but that abort
     # is not specific to gloo's teardown: any process that exits while a C++ thread still runs prints it,
     # e.g. one stopping on a bad label while MONAI's CacheDataset thread is still loading (see

@@ -138,6 +138,8 @@ def _run_workflow(name: str, policy: str, target, paths: list, checkpoint: str, 
         datalist=[{"image": p} for p in paths],
         spacing_policy=policy,
         target_spacing=target,
+        device="$torch.device('cpu')",  # exact oracle labels: on the CPU without autocast, also where CUDA is available
+        amp=False,
     )
     workflow.initialize()
     assert isinstance(workflow.parser.get_parsed_content("network"), ThresholdNetwork)
@@ -241,7 +243,8 @@ def test_bundle_inference_command_gives_back_the_oracle_label(images, checkpoint
     config = f"['{bundle}/configs/inference.json','{_override_file(str(tmp_path))}']"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", config, "--bundle_root", bundle,
            "--output_dir", out, "--ckpt_path", checkpoint, "--datalist", json.dumps(datalist), "--spacing_policy", "native"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, ROOT, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, ROOT, os.environ.get("PYTHONPATH")])),
+           "CUDA_VISIBLE_DEVICES": ""}  # on the CPU, without autocast, also where CUDA is available
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     for case in picked:
@@ -272,7 +275,8 @@ def server(images, checkpoint, tmp_path_factory):
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", "monailabel_app", "--studies", images["brats"]["folder"],
            "--conf", "models", SERVER_MODEL, "--conf", "model_dir", str(model_dir),
            "--conf", "bundle_overrides", json.dumps({"network_def": ORACLE}), "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])),
+           "CUDA_VISIBLE_DEVICES": ""}  # on the CPU, without autocast, also where CUDA is available
     log_path = root / "server.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -12,6 +12,7 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 
 from custom_networks import HyperUNet, PlainUNet, SpacingRange, SpacingSlidingWindowInferer
+from custom_networks.bundle_tools import bundle_parser
 from custom_networks.experiments import Method, evaluate_case, parse_interval, sample_spacings, segment_spacings, sweep_rows
 
 
@@ -207,8 +208,7 @@ def test_sweep_command_on_a_bundle_writes_csv_table_and_plots(tmp_path):
     import subprocess
     import sys
 
-    from monai.bundle import ConfigParser
-
+    
     from custom_networks.datalist import find_cases
     from custom_networks.synthetic_datasets import write_synthetic_dataset
 
@@ -220,9 +220,7 @@ def test_sweep_command_on_a_bundle_writes_csv_table_and_plots(tmp_path):
     data_list.write_text(json.dumps({"test": find_cases("brats", data)}))
     checkpoints = {}
     for family, extra in (("hs", None), ("as", "as.json"), ("fs", "fs.json")):
-        parser = ConfigParser()
-        parser.read_config([os.path.join(bundle, "configs", "inference.json")] + ([os.path.join(bundle, "configs", extra)] if extra else []))
-        parser.update({"bundle_root": bundle, **overrides})
+        parser = bundle_parser(bundle, ["inference.json"] + ([extra] if extra else []), overrides)
         checkpoints[family] = str(tmp_path / f"{family}.pt")
         torch.save(parser.get_parsed_content("network_def").state_dict(), checkpoints[family])
     out = tmp_path / "sweep"
@@ -265,17 +263,14 @@ def test_cka_study_writes_matrices_and_heatmaps(tmp_path):
     import glob
     import os
 
-    from monai.bundle import ConfigParser
-
+    
     from custom_networks.experiments import cka_study
     from custom_networks.synthetic_datasets import write_synthetic_dataset
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bundle = os.path.join(root, "bundles", "brats_mri_tumour_segmentation")
     overrides = {"network_def#channels": [4, 8]}
-    parser = ConfigParser()
-    parser.read_config(os.path.join(bundle, "configs", "inference.json"))
-    parser.update({"bundle_root": bundle, **overrides})
+    parser = bundle_parser(bundle, "inference.json", overrides)
     torch.manual_seed(0)
     ckpt = str(tmp_path / "hs.pt")
     torch.save(parser.get_parsed_content("network_def").state_dict(), ckpt)

@@ -12,12 +12,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd
 
 from custom_networks import get_dataset, pipeline
+from custom_networks.bundle_tools import bundle_parser
 from custom_networks.cost import BudgetSpacing, InferenceCost
 from custom_networks.fileio import write_label
 from custom_networks.transforms import NativeLabelsd, RandSpacingPatchd, SpacingPolicyd
@@ -153,9 +153,7 @@ def test_training_patches_see_the_inference_input(chain):
 def test_bundle_inference_declares_the_pipeline_chain(name):
     """inference.json and pipeline.preprocessing / postprocessing build the same steps."""
     bundle = os.path.join(ROOT, "bundles", BUNDLES[name])
-    parser = ConfigParser()
-    parser.read_config(os.path.join(bundle, "configs", "inference.json"))
-    parser.update({"bundle_root": bundle})
+    parser = bundle_parser(bundle)
     pre = parser.get_parsed_content("preprocessing")
     post = parser.get_parsed_content("postprocessing")
     spec = get_dataset(name)

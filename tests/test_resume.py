@@ -55,7 +55,8 @@ def _cmd(data, root, *overrides):
 
 
 def _env(**extra):
-    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+    # CPU-sized runs pinned to the CPU (device and amp follow torch.cuda.is_available() in train.json)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
 
 
 def _run(cmd, timeout=600):

@@ -243,7 +243,8 @@ class HyperSpaceSegmentation(BasicInferTask):
             divisor = int(getattr(network.layout, "divisor", 1) or 1)
             inferer.roi_size = tuple(-(-s // divisor) * divisor for s in shape)
         data[_WINDOW] = window
-        with torch.no_grad(), torch.autocast("cuda", enabled=str(device).startswith("cuda")):
+        # bf16, as UNetEngine's compiled path: one autocast dtype for the whole forward
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
             outputs = inferer(inputs, network, spacing=spacing)
         # probabilities go back to the CPU: the inversion to the native grid needs no GPU memory
         data[self.output_label_key] = outputs[0].float().cpu()
