@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .profiling import measure
+from .profiling import best_of
 from .spacing import SpacingRange, parse_spacing
 
 __all__ = ["WINDOWS", "BudgetSpacing", "InferenceCost", "candidate_spacings", "window_count", "working_shape"]
@@ -89,11 +89,12 @@ class InferenceCost:
     does), ``"whole"`` runs one window over the whole grid (padded to ``divisor``). A window of
     ``v`` voxels is predicted to take ``seconds_per_window * v / prod(roi_size)`` and to add
     ``window_bytes * v / prod(roi_size)`` of memory. On top of the windows: ``native_voxels *
-    seconds_per_voxel`` for the steps that touch the native grid (z-scoring, anti-aliased
+    seconds_per_voxel`` for the steps after the decision that touch the native grid (anti-aliased
     resampling, the fused way back to labels, writing them; measured with the pipeline's own
     functions), and ``4 * working_voxels * (in_channels + out_channels + 1)`` bytes for the float32
-    input, output aggregate and count map kept for the whole working grid. Reading the image is
-    not predicted: it has happened when the policy decides, and callers pass the time it took.
+    input, output aggregate and count map kept for the whole working grid. Reading and z-scoring
+    the image are not predicted: they have happened when the policy decides, and callers pass the
+    time they took.
 
     Args:
         roi_size: sliding window size (voxels).
@@ -129,8 +130,8 @@ class InferenceCost:
                 elapsed_s: float = 0.0) -> dict:
         """Predicted ``seconds``, ``memory_bytes``, ``windows``, working ``shape`` and ``window`` for one image.
 
-        ``seconds`` is the whole request: ``elapsed_s`` already spent (reading the image), then
-        z-scoring, resampling, the windows, the way back to native labels and writing them.
+        ``seconds`` is the whole request: ``elapsed_s`` already spent (reading and z-scoring the
+        image), then resampling, the windows, the way back to native labels and writing them.
         """
         if window not in ("patch", "whole"):
             raise ValueError(f"window {window!r} must be 'patch' or 'whole'.")
@@ -163,11 +164,12 @@ class InferenceCost:
         device: str | torch.device = "cpu",
         divisor: int | None = None,
     ) -> "InferenceCost":
-        """Measure the constants on this machine: one window forward and one resampling.
+        """Measure the constants on this machine: a window forward and the native-grid steps.
 
         ``network(x, spacing)`` runs on zeros of half the window size per axis (rounded up to the
-        divisor): once to generate and cache the weights, once timed; time and memory are scaled
-        to ``roi_size`` by the voxel count. The divisor is read from ``network.layout`` when not given.
+        divisor): once to generate and cache the weights, then the fastest of two timed calls; time
+        and memory are scaled to ``roi_size`` by the voxel count. The divisor is read from
+        ``network.layout`` when not given.
         """
         device = torch.device(device)
         roi_size = tuple(int(r) for r in roi_size)
@@ -176,27 +178,28 @@ class InferenceCost:
         x = torch.zeros((1, in_channels, *probe), device=device)
         s = torch.tensor([list(spacing)], dtype=torch.float32, device=device)
         with torch.no_grad():
-            network(x, s)
-            with measure(device) as m:
-                network(x, s)
+            # the fastest of two calls after one that generates and caches the weights
+            window_seconds, window_bytes = best_of(lambda: network(x, s), device, repeats=2)
         scale = float(np.prod(roi_size)) / float(np.prod(probe))
         seconds_per_voxel = _calibrate_native_steps(in_channels, out_channels)
         return cls(
-            roi_size, float(overlap), int(in_channels), int(out_channels), m.seconds * scale, seconds_per_voxel,
-            float(max(m.added_bytes, 1)) * scale, str(device), divisor,
+            roi_size, float(overlap), int(in_channels), int(out_channels), window_seconds * scale, seconds_per_voxel,
+            float(max(window_bytes, 1)) * scale, str(device), divisor,
         )
 
 
-def _calibrate_native_steps(in_channels: int, out_channels: int, shape=(128, 128, 96), factor: float = 1.5) -> float:
-    """Seconds per native voxel of z-scoring, resampling, the way back and writing, measured with
-    the pipeline's own functions on a generated image (blobs, so that the way back meets label
-    boundaries as in real images); a first, smaller pass pays one-off costs (imports, allocator)."""
+def _calibrate_native_steps(in_channels: int, out_channels: int, shape=(128, 128, 96), factor: float = 1.5, repeats: int = 3) -> float:
+    """Seconds per native voxel of the steps after the spacing decision that touch the native grid
+    (resampling, the way back to labels, writing an ``.nrrd``), measured with the pipeline's own
+    functions on a generated image (blobs, so that the way back meets label boundaries as in real
+    images), the fastest of ``repeats`` after a smaller warm-up pass (imports, allocator). Reading
+    and z-scoring happen before the decision; the policy is told the time they took."""
     import tempfile
 
     from monai.data import MetaTensor
-    from monai.transforms import NormalizeIntensity
 
     from .fileio import write_label
+    from .profiling import best_of
     from .resample import labels_to_native, working_grid
     from .transforms import SpacingPolicyd
 
@@ -204,17 +207,19 @@ def _calibrate_native_steps(in_channels: int, out_channels: int, shape=(128, 128
     resample = SpacingPolicyd("image", policy="target", target_spacing=[factor] * 3)
     seconds = 0.0
     with tempfile.TemporaryDirectory() as tmp:
-        for size in ([s // 2 for s in shape], list(shape)):
+        for size, n in (([s // 2 for s in shape], 1), (list(shape), max(1, int(repeats)))):
             image = MetaTensor(torch.as_tensor(rng.rand(in_channels, *size), dtype=torch.float32), affine=torch.eye(4, dtype=torch.float64))
             grid_shape, _ = working_grid(size, (1.0,) * 3, (factor,) * 3)
-            grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, n) for n in grid_shape], indexing="ij"))
+            grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, m) for m in grid_shape], indexing="ij"))
             centres = torch.as_tensor(rng.uniform(-0.5, 0.5, (out_channels, 3)), dtype=torch.float32)
             scores = torch.stack([0.3 - ((grid - c[:, None, None, None]) ** 2).sum(0).sqrt() for c in centres]) * 10
-            start = time.perf_counter()
-            resample({"image": NormalizeIntensity(channel_wise=True)(image)})
-            labels = labels_to_native(torch.softmax(scores, 0), (factor,) * 3, size)
-            write_label(labels, os.path.join(tmp, "label.nrrd"), affine=np.eye(4))
-            seconds = (time.perf_counter() - start) / float(np.prod(size))
+
+            def steps():
+                resample({"image": image})
+                labels = labels_to_native(scores, (factor,) * 3, size, softmax=True)
+                write_label(labels, os.path.join(tmp, "label.nrrd"), affine=np.eye(4))
+
+            seconds = best_of(steps, "cpu", n)[0] / float(np.prod(size))
     return seconds
 
 

@@ -211,7 +211,8 @@ def labels_to_native(
     factor: Sequence[float],
     native_shape: Sequence[int],
     dtype: torch.dtype = torch.uint8,
-    points_per_chunk: int = 1 << 20,
+    points_per_chunk: int = 1 << 18,
+    softmax: bool = False,
 ) -> torch.Tensor:
     """The fused way back: class scores ``(C, *working)`` to labels ``(1, *native_shape)``.
 
@@ -229,6 +230,10 @@ def labels_to_native(
         factor: ``working / native`` spacing per axis (see :func:`working_grid`).
         native_shape: the native spatial shape.
         dtype: label dtype (``uint8`` holds up to 255 classes).
+        points_per_chunk: boundary voxels interpolated at a time (memory: about ``12 * C`` bytes each).
+        softmax: ``probs`` are logits: interpolate their softmax. The softmax is taken only at the
+            corners that are interpolated (the argmax of a voxel is that of its logits), so no
+            probability volume is ever allocated.
     """
     if not dtype.is_floating_point and probs.shape[0] > torch.iinfo(dtype).max + 1:
         raise ValueError(f"{probs.shape[0]} classes do not fit labels of dtype {dtype}.")
@@ -278,7 +283,10 @@ def labels_to_native(
                 o = (base[a] + bit) * grid_strides[a]
                 weight = w if weight is None else weight * w
                 offset = o if offset is None else offset + o
-            term = flat_probs.index_select(1, offset).float() * weight[None]
+            corner_scores = flat_probs.index_select(1, offset).float()
+            if softmax:
+                corner_scores = torch.softmax(corner_scores, 0)
+            term = corner_scores * weight[None]
             value = term if value is None else value.add_(term)
         flat_out[flat] = _argmax0(value).to(dtype)
     return out[None]

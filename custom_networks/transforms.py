@@ -466,8 +466,7 @@ class NativeLabelsd(MapTransform):
             info = ops[index][TraceKeys.EXTRA_INFO]
             shape = tuple(int(s) for s in ops[index][TraceKeys.ORIG_SIZE])
             scores = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
-            scores = torch.softmax(scores.float(), 0) if self.softmax else scores
-            labels = labels_to_native(scores, info["factor"], shape, self.dtype)
+            labels = labels_to_native(scores, info["factor"], shape, self.dtype, softmax=self.softmax)
             label = MetaTensor(labels, affine=torch.tensor(info["native_affine"], dtype=torch.float64), meta={k: v for k, v in image.meta.items() if k != "affine"})
             label.applied_operations = ops[:index]
             # the steps before the resampling (reorientation), with MONAI's inverses, as Invertd does
