@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping
 import ignite.distributed as idist
 import numpy as np
 import torch
+from monai.utils import str2bool
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
@@ -62,7 +63,6 @@ logger = logging.getLogger(__name__)
 # replaces the checkpoint, so that a test can kill the process at exactly that point.
 PAUSE_ENV = "HYPERSPACE_TEST_CHECKPOINT_PAUSE_S"
 
-_FLAGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
 def parse_flag(value: Any, name: str) -> bool:
@@ -76,10 +76,10 @@ def parse_flag(value: Any, name: str) -> bool:
     """
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
-    text = str(value).strip().lower()
-    if text not in _FLAGS:
-        raise ValueError(f"{name} {value!r} must be true or false.")
-    return _FLAGS[text]
+    try:
+        return str2bool(str(value).strip())  # MONAI's reading of yes/no strings
+    except ValueError:
+        raise ValueError(f"{name} {value!r} must be true or false.") from None
 
 
 def temporary_path(path: str | Path) -> Path:

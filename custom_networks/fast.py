@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from monai.utils import str2bool
 from torch import nn
 
 from .hyperspace import HyperUNet
@@ -106,16 +107,16 @@ def masked_unet_forward(unet: PlainUNet, x: torch.Tensor, masks: list[torch.Tens
 
 def compile_flag(value, allow_auto: bool = True) -> bool | str:
     """A compile option as given in a config or on a command line: ``True``/``False`` or the
-    strings ``true``/``false``/``yes``/``no``/``1``/``0``, or ``auto`` where allowed."""
+    strings MONAI's ``str2bool`` reads (``true``/``false``/``yes``/``no``/``1``/``0``, ...), or
+    ``auto`` where allowed."""
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
-    flags = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-    if allow_auto and text == "auto":
+    if allow_auto and str(value).strip().lower() == "auto":
         return "auto"
-    if text not in flags:
-        raise ValueError(f"compile {value!r} must be true, false{' or auto' if allow_auto else ''}.")
-    return flags[text]
+    try:
+        return str2bool(str(value).strip())
+    except ValueError:
+        raise ValueError(f"compile {value!r} must be true, false{' or auto' if allow_auto else ''}.") from None
 
 
 def compile_network(network: nn.Module, enabled: bool | str = True, **compile_kwargs) -> nn.Module:
@@ -175,31 +176,38 @@ class UNetEngine(nn.Module):
         self._runner: PlainUNet | None = None
         self._loaded: dict | None = None  # the weight set in the runner (held, compared by identity)
         self._compiled = None
-        self._compile_failed = False
+        self._failed_buckets: set[tuple[int, ...]] = set()  # padded shapes whose compilation failed
         self._lock = threading.Lock()
 
     @property
     def compiling(self) -> bool:
-        """Whether calls on CUDA (``"auto"``) or on any device (``True``) take the compiled path;
-        false after a compilation failure."""
-        return self.compile_mode is not False and not self._compile_failed
+        """Whether calls on CUDA (``"auto"``) or on any device (``True``) take the compiled path
+        (for a shape bucket whose compilation failed they run eagerly, see :meth:`_run`)."""
+        return self.compile_mode is not False
 
     def _run(self, runner: PlainUNet, x: torch.Tensor) -> torch.Tensor:
         """``runner(x)``: compiled and bucketed where configured, else the plain eager forward."""
         if self.compiling and (self.compile_mode is True or x.device.type == "cuda"):
             valid = tuple(x.shape[2:])
             padded = bucket_shape(valid, self.bucket)
-            pad = [v for s, p in zip(reversed(valid), reversed(padded)) for v in (0, p - s)]
-            masks = _level_masks(valid, padded, self.layout.levels, x.device)
-            try:
-                if self._compiled is None:
-                    self._compiled = torch.compile(masked_unet_forward, backend=self.backend, mode=self.mode, dynamic=False)
-                y = self._compiled(runner, F.pad(x, pad) if any(pad) else x, masks)
-                return y[(slice(None), slice(None), *[slice(0, v) for v in valid])]
-            except Exception as e:  # raised on the first call of each bucket, when it compiles
-                self._compile_failed = True
-                first = str(e).splitlines()[0] if str(e) else ""
-                logger.warning(f"torch.compile failed ({type(e).__name__}: {first}); running eagerly from now on.")
+            if padded not in self._failed_buckets:
+                pad = [v for s, p in zip(reversed(valid), reversed(padded)) for v in (0, p - s)]
+                masks = _level_masks(valid, padded, self.layout.levels, x.device)
+                try:
+                    if self._compiled is None:
+                        self._compiled = torch.compile(masked_unet_forward, backend=self.backend, mode=self.mode, dynamic=False)
+                    y = self._compiled(runner, F.pad(x, pad) if any(pad) else x, masks)
+                    return y[(slice(None), slice(None), *[slice(0, v) for v in valid])]
+                # compilation errors come from many layers (dynamo, inductor, the C++ or Triton
+                # toolchain): whatever the cause, this call and later calls of this shape bucket
+                # run eagerly with the same numbers, and other buckets still try to compile
+                except Exception as e:
+                    self._failed_buckets.add(padded)
+                    first = str(e).splitlines()[0] if str(e) else ""
+                    logger.warning(
+                        f"torch.compile failed for inputs padded to {list(padded)} ({type(e).__name__}: {first}); "
+                        "running this shape eagerly."
+                    )
         return runner(x)
 
     def _weights_for(self, spacing: torch.Tensor, device: torch.device) -> PlainUNet:

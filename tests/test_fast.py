@@ -83,9 +83,14 @@ def test_failed_compilation_falls_back_to_eager_with_the_same_numbers(net, caplo
     with caplog.at_level(logging.WARNING), torch.no_grad():
         got = engine(x, s)
         expected = net(x, s)
-    assert not engine.compiling
-    assert "running eagerly" in caplog.text
+    assert "running this shape eagerly" in caplog.text
     torch.testing.assert_close(got, expected)
+    # that bucket runs eagerly from now on, without trying again; the others still try
+    assert engine._failed_buckets == {(32, 48, 32)}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        torch.testing.assert_close(engine(x, s), expected)
+    assert "torch.compile failed" not in caplog.text
 
 
 def test_auto_compiles_only_on_cuda(net):
