@@ -133,9 +133,20 @@ class HyperSpaceApp(MONAILabelApp):
             raise HTTPException(404, f"activelearning: no strategy {strategy!r}; available: {', '.join(self._strategies)}.")
         return super().next_sample(request)
 
-    def check_train_request(self, model, params: dict) -> None:
-        """Refuse a train request that cannot succeed: unknown model, bad option, nothing labelled."""
+    def check_train_request(self, model, params: dict, enqueue: bool = False) -> None:
+        """Refuse a train request that cannot succeed: unknown model, a training already running
+        (unless ``enqueue``), bad option, nothing labelled."""
         self._check_model(model, self._trainers, "train")
+        task = running_training()
+        if task is not None and not enqueue:
+            running = task.get("request", {}).get("model") or "a model"
+            state = "running (started" if task.get("status") == "RUNNING" else "starting or queued (submitted"
+            raise HTTPException(
+                409,
+                f"train {model}: training of {running} is already {state} {task.get('start_ts')}, task {task.get('id')}); "
+                "wait for it to end (GET /train/) or stop it with DELETE /train/, or send this request with ?enqueue=true "
+                "to run it after that one.",
+            )
         try:
             self._trainers[model].options({**self._trainers[model].config(), **(params or {})})
         except ValueError as e:
@@ -144,11 +155,41 @@ class HyperSpaceApp(MONAILabelApp):
             raise HTTPException(409, f"train {model}: no labelled images in the datastore ({self.studies}); save at least one label first.")
 
 
+def running_training(stale_after_s: float = 60.0) -> dict | None:
+    """MONAI Label's train task (its task dict) that is running or waiting to start; None if none.
+
+    MONAI Label runs train tasks one at a time, in the server's one train thread: a task is
+    ``SUBMITTED`` from the request until its subprocess starts, then ``RUNNING`` while the
+    subprocess (``monailabel.utils.async_tasks.utils.processes("train")``) is alive. Its own check
+    looks at the subprocesses only, so a second request in the first one's ``SUBMITTED`` moment
+    was queued silently behind it. A ``SUBMITTED`` task counts here while another one runs (it is
+    queued) or for ``stale_after_s`` after its submission (it is starting); after that, with
+    nothing running, its start failed in MONAI Label's thread and it never will start.
+    """
+    from monailabel.utils.async_tasks.utils import processes, tasks
+
+    running, submitted = processes("train"), tasks("train")
+    for task in submitted:
+        if task.get("id") in running:
+            return task
+    for task in submitted:
+        if task.get("status") == "SUBMITTED":
+            try:
+                age = time.time() - time.mktime(time.strptime(task.get("start_ts", ""), "%Y-%m-%d %H:%M:%S"))
+            except ValueError:
+                age = 0.0
+            if running or age < stale_after_s:
+                return task
+    return None
+
+
 def _check_train_requests() -> None:
     """Answer a train request that cannot succeed with a 4xx before MONAI Label starts it.
 
     MONAI Label starts training in a subprocess and answers 200 at once, so a request with nothing
-    labelled or a bad option would only show up later as a failed task. Its endpoint has no hook,
+    labelled or a bad option would only show up later as a failed task, and a second request while
+    a training starts was queued silently (once it runs, MONAI Label answers 429 "Train Task is
+    Already Running", without saying which). Its endpoint has no hook,
     so its ``run_model`` is wrapped, once per server process, to call
     :meth:`HyperSpaceApp.check_train_request` first.
     """
@@ -162,7 +203,8 @@ def _check_train_requests() -> None:
     def checked_run_model(model, params=None, run_sync=False, enqueue=False):
         check = getattr(app_instance(), "check_train_request", None)
         if check is not None:
-            check(model, params)
+            # run_sync trains in the server process itself: never beside another training
+            check(model, params, enqueue=bool(enqueue) and not run_sync)
         return run_model(model, params, run_sync, enqueue)
 
     checked_run_model.checks_request = True

@@ -3,8 +3,10 @@ Label's own client (the REST calls the Slicer plugin makes), on a studies folder
 NIfTI / NRRD / MHA volumes. The bundles are served with CPU-sized overrides (fewer channels,
 smaller windows) so that training takes seconds.
 
-The tests run in file order against one server: untrained model and bad requests first, then the
-annotate-and-retrain loop.
+The tests share one server and pass in any order. What the server answers before anything is
+labelled or trained is asked once, by the ``untouched`` fixture, before the first test that labels
+or trains (each of them requests it); the segmentation model is trained once, by the ``trained``
+fixture, for the tests that need labels and weights.
 """
 
 import glob
@@ -90,7 +92,8 @@ def server(tmp_path_factory):
            "--host", "127.0.0.1", "--port", str(port)]
     log_path = os.path.join(root, "server.log")
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # CPU-sized (and memory_kind cpu_rss), also where CUDA is available
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
@@ -148,8 +151,22 @@ def _still_serving(server):
     assert MODEL in server["client"].info()["models"]
 
 
-def test_info_lists_every_bundle_with_its_options(server):
-    info = server["client"].info()
+@pytest.fixture(scope="module")
+def untouched(server):
+    """The server's answers before anything is labelled or trained, asked once. Every test that
+    saves a label or trains requests this fixture, so that it runs first, whatever the test order."""
+    client = server["client"]
+    return {
+        "info": client.info(),
+        "infer": _error(client.infer, MODEL, "case0", SLICER),
+        "train": _error(client.train_start, MODEL, {"max_epochs": 1}),
+        "first": client.next_sample("first", {})["id"],
+        "random": client.next_sample("random", {})["id"],
+    }
+
+
+def test_info_lists_every_bundle_with_its_options(server, untouched):
+    info = untouched["info"]
     bundles = {"brats_mri_tumour_segmentation", "spider_mri_spine_segmentation", "mmwhs_mri_heart_segmentation"}
     assert set(info["models"]) == bundles | {b + "_interactive" for b in bundles}
     assert {m["type"] for m in info["models"].values()} == {"segmentation", "deepedit"}
@@ -167,10 +184,13 @@ def test_info_lists_every_bundle_with_its_options(server):
     assert set(info["trainers"][MODEL]["config"]) >= {"max_epochs", "learning_rate", "spacing_range_mm"}
     assert set(info["strategies"]) == {"random", "first"}
     assert info["datastore"]["total"] == 9
+    # what is served does not change with what was labelled or trained since
+    now = server["client"].info()
+    assert set(now["models"]) == set(info["models"]) and now["models"][MODEL]["config"] == model["config"]
 
 
-def test_infer_without_weights_says_how_to_get_them(server):
-    status, msg = _error(server["client"].infer, MODEL, "case0", SLICER)
+def test_infer_without_weights_says_how_to_get_them(untouched):
+    status, msg = untouched["infer"]
     assert status == 409 and "no trained weights yet" in msg and f"/train/{MODEL}" in msg
 
 
@@ -199,19 +219,19 @@ def test_bad_infer_requests_get_a_clear_error_and_the_server_goes_on(server, mod
     _still_serving(server)
 
 
-def test_training_without_labels_is_refused(server):
-    status, msg = _error(server["client"].train_start, MODEL, {"max_epochs": 1})
+def test_training_without_labels_is_refused(server, untouched):
+    status, msg = untouched["train"]
     assert status == 409 and "no labelled images" in msg
     status, msg = _error(server["client"].train_start, "no_such_model", {})
     assert status == 404 and "no model 'no_such_model'" in msg
     _still_serving(server)
 
 
-def test_activelearning_returns_unlabelled_images(server):
+def test_activelearning_returns_unlabelled_images(server, untouched):
     client = server["client"]
-    assert client.next_sample("first", {})["id"] == "case0"  # first by sorted id
+    assert untouched["first"] == "case0"  # first by sorted id
     unlabelled = {"case0", "case1", "case2", "thick", "spine", "corrupt", "nan", "tiny", "tinyspacing"}
-    assert client.next_sample("random", {})["id"] in unlabelled
+    assert untouched["random"] in unlabelled
     status, msg = _error(client.next_sample, "smartest", {})
     assert status == 404 and "no strategy 'smartest'" in msg
 
@@ -232,18 +252,31 @@ def _sha(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def test_annotate_train_and_segment(server):
-    """Save labels from 'Slicer', train from scratch, segment in every spacing mode, retrain, segment again."""
-    client, studies = server["client"], server["studies"]
+def _save_labels(server) -> None:
+    """The hand-made tumour-core labels of case0-2, saved as Slicer saves them."""
     for i in range(3):
-        saved = client.save_label(f"case{i}", os.path.join(server["labels"], f"case{i}.nii.gz"), params={"label_info": TUMOUR})
+        saved = server["client"].save_label(f"case{i}", os.path.join(server["labels"], f"case{i}.nii.gz"), params={"label_info": TUMOUR})
         assert saved["label"] == f"case{i}"
+
+
+@pytest.fixture(scope="module")
+def trained(server, untouched):
+    """Labels saved from 'Slicer' for case0-2, and the segmentation model trained from scratch on
+    them: once, for every test that needs labels or weights."""
+    _save_labels(server)
+    done = _train(server["client"], {"max_epochs": 3, "val_interval": 1, "train_batch_size": 2, "learning_rate": 0.003})
+    assert done["status"] == "DONE", "\n".join(done.get("details", []))
+    return done
+
+
+def test_annotate_train_and_segment(server, trained):
+    """Labels saved from 'Slicer' and a training from scratch (the ``trained`` fixture); segment in
+    every spacing mode, retrain, segment again."""
+    client, studies = server["client"], server["studies"]
     assert client.next_sample("first", {})["id"] == "corrupt"  # the labelled ones are no longer offered
     status, msg = _error(client.train_start, MODEL, {"max_epochs": "many"})
     assert status == 400 and "max_epochs 'many'" in msg
 
-    done = _train(client, {"max_epochs": 3, "val_interval": 1, "train_batch_size": 2, "learning_rate": 0.003})
-    assert done["status"] == "DONE", "\n".join(done.get("details", []))
     checkpoint = os.path.join(server["model_dir"], f"{MODEL}.pt")
     assert os.path.isfile(checkpoint)
     info = client.info()
@@ -308,7 +341,7 @@ def test_annotate_train_and_segment(server):
     assert open(server["log"]).read().count("Loaded checkpoint") == loads + 1
 
 
-def test_interactive_model_trains_then_segments_and_refines_with_clicks(server):
+def test_interactive_model_trains_then_segments_and_refines_with_clicks(server, trained):
     """DeepEdit-style: train on the saved labels with simulated clicks, then an automatic result
     (no clicks) and a click request on the thick-slice NRRD, both on the input's own grid."""
     client, studies = server["client"], server["studies"]
@@ -338,11 +371,15 @@ def test_interactive_model_trains_then_segments_and_refines_with_clicks(server):
     _still_serving(server)
 
 
-def test_training_with_a_label_of_unknown_segments_fails_with_its_name(server):
+def test_training_with_a_label_of_unknown_segments_fails_with_its_name(server, untouched):
     client = server["client"]
     label = os.path.join(server["labels"], "case2.nii.gz")
     client.save_label("case2", label, params={"label_info": [{"name": "liver", "idx": 3}]})
-    done = _train(client, {"max_epochs": 1})
+    try:
+        done = _train(client, {"max_epochs": 1})
+    finally:
+        # the label as the other tests know it
+        client.save_label("case2", label, params={"label_info": TUMOUR})
     assert done["status"] == "ERROR"
     assert any("segments ['liver'] are not structures of" in line for line in done["details"]), done["details"]
     _still_serving(server)
