@@ -32,7 +32,7 @@ Each stage is timed on its own with ``time.perf_counter()``:
   network, way back (``NativeLabelsd``: softmax, fused resampling to the native grid, argmax),
   write (``custom_networks.fileio.write_label``: ``.nrrd`` uncompressed, as 3D Slicer asks for
   it, counted in the total; ``.nii.gz`` at gzip level 1 shown beside it);
-- **old** (the code before commit 53d801d, rebuilt here from MONAI pieces exactly as it ran):
+- **old** (the previous spacing pipeline, rebuilt here from MONAI pieces exactly as it ran):
   read, resample (``GaussianSmooth(sigma)`` then MONAI ``Spacing(mode="bilinear",
   padding_mode="border", align_corners=True)``), z-score after resampling, network, way back
   (``Activationsd(softmax=True)``, ``Invertd(nearest_interp=False)``, ``AsDiscreted(argmax=True)``),
@@ -112,7 +112,7 @@ STAGES_NEW = ("read", "z-score", "resample", "network", "way back", "write")
 STAGES_OLD = ("read", "resample", "z-score", "network", "Activationsd", "Invertd", "AsDiscreted", "write")
 
 
-# --- the old pipeline, as it ran before the new spacing pipeline (git show b28f9d5:custom_networks/transforms.py)
+# --- the old pipeline, as it ran before the one resampler (GaussianSmooth + Spacing, Invertd + AsDiscreted)
 class OldSpacingPolicyd(MapTransform, InvertibleTransform):
     """The old ``SpacingPolicyd``: ``GaussianSmooth(sigma)`` on downsampled axes, then MONAI's
     ``Spacing`` (bilinear, border padding, ``align_corners=True``); inverted by ``Spacing.inverse``."""
