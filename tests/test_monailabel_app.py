@@ -404,3 +404,27 @@ def test_warmup_loads_a_trained_model_and_generates_its_weights_once(tmp_path):
     assert engine.compile_mode is False and engine.network.generation_count == 1
     with pytest.raises(ValueError, match="--conf compile 'sometimes'"):
         HyperSpaceConfig().init(MODEL, str(tmp_path), {"compile": "sometimes"}, None, bundle_path=os.path.join(ROOT, "bundles", MODEL))
+
+
+def test_a_corrupt_checkpoint_is_named_and_the_previous_model_keeps_serving(server, trained):
+    client, studies = server["client"], server["studies"]
+    checkpoint = os.path.join(server["model_dir"], f"{MODEL}.pt")
+    params = {"spacing_mode": "target", "target_spacing_mm": "3", **SLICER}
+    before = _assert_same_geometry(client.infer(MODEL, "case1", params)[0], os.path.join(studies, "case1.nii.gz"))
+    good = open(checkpoint, "rb").read()
+    try:
+        # a truncated file where the served model lives (what a killed copy would leave)
+        tmp = checkpoint + ".partial"
+        with open(tmp, "wb") as f:
+            f.write(good[: len(good) // 3])
+        os.replace(tmp, checkpoint)
+        result, _ = client.infer(MODEL, "case1", params)
+        assert np.array_equal(_assert_same_geometry(result, os.path.join(studies, "case1.nii.gz")), before)
+        log = open(server["log"]).read()
+        assert f"checkpoint {checkpoint} of '{MODEL}' cannot be loaded" in log and "still serving" in log
+    finally:
+        tmp = checkpoint + ".restore"
+        with open(tmp, "wb") as f:
+            f.write(good)
+        os.replace(tmp, checkpoint)
+    _still_serving(server)

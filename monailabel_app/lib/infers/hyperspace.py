@@ -314,13 +314,19 @@ class HyperSpaceSegmentation(BasicInferTask):
             if cached and cached[1] == mtime:
                 return cached[0]
             network = self.bundle.build_network(device)
-            state = torch.load(path, map_location=device, weights_only=True)
-            if isinstance(state, dict) and isinstance(state.get("model"), dict):
-                state = state["model"]
             try:
+                state = torch.load(path, map_location=device, weights_only=True)
+                if isinstance(state, dict) and isinstance(state.get("model"), dict):
+                    state = state["model"]
                 network.load_state_dict(state)
-            except RuntimeError as e:
-                raise HTTPException(409, f"checkpoint {path} does not fit bundle '{self.bundle.name}': {str(e).splitlines()[0]}") from None
+            except Exception as e:  # a truncated or foreign file: unpickling and loading raise many types
+                problem = f"checkpoint {path} of '{self.bundle.name}' cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                if cached:
+                    # keep answering with the model that loaded last; a fixed file is picked up by its new mtime
+                    logger.error(f"{problem}; still serving the checkpoint loaded before.")
+                    self._networks[device] = (cached[0], mtime)
+                    return cached[0]
+                raise HTTPException(409, f"{problem}. Train the model again or copy a valid checkpoint there.") from None
             network.eval()
             # cached weights per spacing, and on CUDA a compiled bf16 forward (--conf compile)
             network = UNetEngine(network, compile=self.bundle.compile)
