@@ -19,17 +19,12 @@ a coarse grid uses the head's statistics (a small head in a wide, empty field of
 import glob
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import nibabel as nib
 import numpy as np
-import psutil
 import pytest
-import requests
 import torch
 
 from custom_networks import get_dataset
@@ -39,6 +34,7 @@ ROOT = os.path.dirname(TESTS)
 sys.path.insert(0, TESTS)  # `oracle`, here and as the bundles' network_def target (pytest's importlib mode adds nothing)
 from oracle import (GEOMETRIES, ORIGIN, ThresholdNetwork, cases_for, core_image, dice, expected_label, object_image,  # noqa: E402
                     ras_affine, read_itk, write_image)
+from serving import running_server  # noqa: E402
 
 BUNDLES = {
     "brats": "brats_mri_tumour_segmentation",
@@ -255,12 +251,6 @@ def test_bundle_inference_command_gives_back_the_oracle_label(images, checkpoint
 
 # --- the live MONAI Label server ----------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(images, checkpoint, tmp_path_factory):
     """A MONAI Label server serving the BraTS bundle with the oracle as its network, on the BraTS
@@ -271,42 +261,14 @@ def server(images, checkpoint, tmp_path_factory):
     model_dir = root / "models"
     model_dir.mkdir()
     torch.save(ThresholdNetwork().state_dict(), model_dir / f"{SERVER_MODEL}.pt")  # where --conf model_dir makes the app look
-    port = _free_port()
-    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", "monailabel_app", "--studies", images["brats"]["folder"],
-           "--conf", "models", SERVER_MODEL, "--conf", "model_dir", str(model_dir),
-           "--conf", "bundle_overrides", json.dumps({"network_def": ORACLE}), "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])),
-           "CUDA_VISIBLE_DEVICES": ""}  # on the CPU, without autocast, also where CUDA is available
+    args = ["-m", "monailabel.main", "start_server", "--app", "monailabel_app", "--studies", images["brats"]["folder"],
+            "--conf", "models", SERVER_MODEL, "--conf", "model_dir", str(model_dir),
+            "--conf", "bundle_overrides", json.dumps({"network_def": ORACLE})]
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))}  # the oracle imports in the server
     log_path = root / "server.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-            log.close()
-            pytest.fail(f"server did not start (rc {proc.poll()}):\n{log_path.read_text()[-4000:]}")
-        time.sleep(0.5)
-    (root / "results").mkdir()
-    yield {"client": MONAILabelClient(url, tmpdir=str(root / "results")), "log": log_path}
-    family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else [proc.pid]
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    log.close()
-    time.sleep(0.5)
-    alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert alive == [], f"processes left behind: {alive}"
+    with running_server(args, str(log_path), env) as (url, proc):
+        (root / "results").mkdir()
+        yield {"client": MONAILabelClient(url, tmpdir=str(root / "results")), "log": log_path}
 
 
 def _server_label(server, case, params: dict, geometry: dict) -> tuple[np.ndarray, dict]:

@@ -14,22 +14,20 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 
 import itk
 import nibabel as nib
 import numpy as np
-import psutil
 import pytest
-import requests
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
 from custom_networks.synthetic_datasets import write_synthetic_dataset
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the tests' own helpers
+from serving import running_server  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "brats_mri_tumour_segmentation"
@@ -44,12 +42,6 @@ def test_the_readmes_give_the_command_these_tests_run():
     for readme in ("README.md", "monailabel_app/README.md"):
         with open(os.path.join(ROOT, readme)) as f:
             assert README_COMMAND in f.read(), readme
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_studies(root: str) -> tuple[str, str]:
@@ -85,42 +77,14 @@ def server(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("monailabel"))
     studies, labels = _write_studies(root)
     model_dir = os.path.join(root, "models")
-    port = _free_port()
     # the README's command, plus where to keep checkpoints and the CPU-sized overrides
-    cmd = [sys.executable, *README_COMMAND.replace("/path/to/images", studies).split()[1:],
-           "--conf", "model_dir", model_dir, "--conf", "bundle_overrides", json.dumps(OVERRIDES), "--conf", "warmup", "true",
-           "--host", "127.0.0.1", "--port", str(port)]
+    args = [*README_COMMAND.replace("/path/to/images", studies).split()[1:],
+            "--conf", "model_dir", model_dir, "--conf", "bundle_overrides", json.dumps(OVERRIDES), "--conf", "warmup", "true"]
     log_path = os.path.join(root, "server.log")
-    log = open(log_path, "w")
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # CPU-sized (and memory_kind cpu_rss), also where CUDA is available
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start (rc {proc.poll()}):\n{open(log_path).read()[-4000:]}")
-        time.sleep(1)
-    client = MONAILabelClient(url, tmpdir=os.path.join(root, "results"))
-    os.makedirs(os.path.join(root, "results"))
-    yield {"client": client, "url": url, "studies": studies, "labels": labels, "model_dir": model_dir, "proc": proc, "log": log_path}
-    # stop the server and everything it started (training subprocesses) by the process group
-    family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else [proc.pid]
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    log.close()
-    time.sleep(0.5)
-    alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert alive == [], f"processes left behind: {alive}"
+    with running_server(args, log_path) as (url, proc):
+        client = MONAILabelClient(url, tmpdir=os.path.join(root, "results"))
+        os.makedirs(os.path.join(root, "results"))
+        yield {"client": client, "url": url, "studies": studies, "labels": labels, "model_dir": model_dir, "proc": proc, "log": log_path}
 
 
 def _error(call, *args) -> tuple[int, str]:

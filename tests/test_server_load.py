@@ -14,8 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import time
 
@@ -32,7 +30,8 @@ from custom_networks.synthetic_datasets import write_synthetic_dataset
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)  # the helpers and settings of the server tests that drive every option
-from test_monailabel_app import MODEL, OVERRIDES, README_COMMAND, SLICER, _error, _free_port, _save_labels, _sha  # noqa: E402
+from serving import running_server  # noqa: E402
+from test_monailabel_app import MODEL, OVERRIDES, README_COMMAND, SLICER, _error, _save_labels, _sha  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(ROOT, "bundles", MODEL)
@@ -77,44 +76,14 @@ def server(tmp_path_factory):
     model_dir = os.path.join(root, "models")
     os.makedirs(model_dir)
     checkpoint = _write_checkpoint(model_dir)
-    port = _free_port()
-    cmd = [sys.executable, *README_COMMAND.replace("/path/to/images", studies).replace("models all", f"models {MODEL}").split()[1:],
-           "--conf", "model_dir", model_dir, "--conf", "bundle_overrides", json.dumps(OVERRIDES),
-           "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # CPU-sized: infers and the training subprocesses on the CPU
+    args = [*README_COMMAND.replace("/path/to/images", studies).replace("models all", f"models {MODEL}").split()[1:],
+            "--conf", "model_dir", model_dir, "--conf", "bundle_overrides", json.dumps(OVERRIDES)]
     log_path = os.path.join(root, "server.log")
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            if requests.get(f"{url}/info/", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-            log.close()
-            pytest.fail(f"server did not start (rc {proc.poll()}):\n{open(log_path).read()[-4000:]}")
-        time.sleep(1)
-    results = os.path.join(root, "results")
-    os.makedirs(results)
-    yield {"client": MONAILabelClient(url, tmpdir=results), "url": url, "root": root, "studies": studies, "labels": labels,
-           "checkpoint": checkpoint, "proc": proc, "log": log_path}
-    # stop the server and everything it started (training subprocesses) by the process group
-    family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else [proc.pid]
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    log.close()
-    time.sleep(0.5)
-    alive = [p for p in family if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert alive == [], f"processes left behind: {alive}"
+    with running_server(args, log_path) as (url, proc):
+        results = os.path.join(root, "results")
+        os.makedirs(results)
+        yield {"client": MONAILabelClient(url, tmpdir=results), "url": url, "root": root, "studies": studies, "labels": labels,
+               "checkpoint": checkpoint, "proc": proc, "log": log_path}
 
 
 def _label(client: MONAILabelClient, image: str, params: dict) -> np.ndarray:
