@@ -44,8 +44,9 @@ def test_the_readmes_give_the_command_these_tests_run():
             assert README_COMMAND in f.read(), readme
 
 
-def _write_studies(root: str) -> tuple[str, str]:
-    """Images in three formats and orientations, a corrupt file, and hand-made labels (value 3)."""
+def write_brats_studies(root: str) -> tuple[str, str]:
+    """Three generated BraTS T1-CE volumes (about 48 x 48 x 32 voxels) as ``studies/case{i}.nii.gz``
+    and their tumour-core labels (value 3) as ``labels/case{i}.nii.gz``."""
     studies, labels = os.path.join(root, "studies"), os.path.join(root, "labels")
     os.makedirs(studies)
     os.makedirs(labels)
@@ -55,6 +56,12 @@ def _write_studies(root: str) -> tuple[str, str]:
         seg = nib.load(os.path.join(brats, case, f"{case}_seg.nii.gz"))
         core = np.isin(np.asarray(seg.dataobj), [1, 4])  # BraTS necrosis + enhancing = tumour core
         nib.save(nib.Nifti1Image((3 * core).astype(np.uint8), seg.affine), os.path.join(labels, f"case{i}.nii.gz"))
+    return studies, labels
+
+
+def _write_studies(root: str) -> tuple[str, str]:
+    """Images in three formats and orientations, a corrupt file, and hand-made labels (value 3)."""
+    studies, labels = write_brats_studies(root)
     # thick slices (0.8 x 0.8 x 5 mm) as NRRD
     thick = write_synthetic_dataset("brats", os.path.join(root, "thick"), n_cases=1, seed=1, spacings=[[0.8, 0.8, 5.0]])
     itk.imwrite(itk.imread(glob.glob(os.path.join(thick, "*", "*_t1ce.nii.gz"))[0]), os.path.join(studies, "thick.nrrd"))

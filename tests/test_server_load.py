@@ -13,12 +13,10 @@ import datetime
 import json
 import os
 import re
-import shutil
 import sys
 import time
 
 import itk
-import nibabel as nib
 import numpy as np
 import psutil
 import pytest
@@ -26,12 +24,10 @@ import requests
 import torch
 from monailabel.client import MONAILabelClient
 
-from custom_networks.synthetic_datasets import write_synthetic_dataset
-
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)  # the helpers and settings of the server tests that drive every option
 from serving import running_server  # noqa: E402
-from test_monailabel_app import MODEL, OVERRIDES, README_COMMAND, SLICER, _error, _save_labels, _sha  # noqa: E402
+from test_monailabel_app import MODEL, OVERRIDES, README_COMMAND, SLICER, _error, _save_labels, _sha, write_brats_studies  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(ROOT, "bundles", MODEL)
@@ -55,24 +51,10 @@ def _write_checkpoint(model_dir: str) -> str:
     return config.path
 
 
-def _write_studies(root: str) -> tuple[str, str]:
-    """Three generated BraTS T1-CE volumes (about 48 x 48 x 32 voxels) and their tumour-core labels (value 3)."""
-    studies, labels = os.path.join(root, "studies"), os.path.join(root, "labels")
-    os.makedirs(studies)
-    os.makedirs(labels)
-    brats = write_synthetic_dataset("brats", os.path.join(root, "brats"), n_cases=3, seed=0)
-    for i, case in enumerate(sorted(os.listdir(brats))):
-        shutil.copy(os.path.join(brats, case, f"{case}_t1ce.nii.gz"), os.path.join(studies, f"case{i}.nii.gz"))
-        seg = nib.load(os.path.join(brats, case, f"{case}_seg.nii.gz"))
-        core = np.isin(np.asarray(seg.dataobj), [1, 4])
-        nib.save(nib.Nifti1Image((3 * core).astype(np.uint8), seg.affine), os.path.join(labels, f"case{i}.nii.gz"))
-    return studies, labels
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("load"))
-    studies, labels = _write_studies(root)
+    studies, labels = write_brats_studies(root)
     model_dir = os.path.join(root, "models")
     os.makedirs(model_dir)
     checkpoint = _write_checkpoint(model_dir)
