@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np

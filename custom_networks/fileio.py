@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 from monai.data import ITKWriter, NibabelWriter
 
 __all__ = ["AtomicITKWriter", "AtomicNibabelWriter", "atomic_output", "write_label", "writer_for"]
@@ -78,8 +79,6 @@ def write_label(label, path: str, affine=None, compresslevel: int | None = None,
     The affine is the label's own (MetaTensor) unless given. ``compresslevel``: the gzip level of
     ``.nii.gz`` (default 1); for other formats ``> 0`` turns on ITK's compression (default off).
     """
-    import numpy as np
-
     writer = writer_for(path)(output_dtype=np.dtype(dtype))
     writer.set_data_array(label, channel_dim=0 if getattr(label, "ndim", 0) == 4 else None)
     writer.set_metadata({"affine": affine if affine is not None else getattr(label, "affine", None)}, resample=False)

@@ -9,8 +9,8 @@ Why not MONAI's ``GaussianSmooth`` + ``Spacing``: the grids here are axis-aligne
 grid (the same directions, another spacing), so anti-aliasing and linear interpolation factor into
 one small matrix per axis. Applied block by block along each axis (a block of output voxels reads
 only the source span it needs), the same result costs a fraction of a 3D Gaussian filter followed
-by ``grid_sample`` on the CPU, runs on any device, and works slab by slab so that big volumes do
-not need a full-size temporary. ``tests/test_resample.py`` checks equality with MONAI's
+by ``grid_sample`` on the CPU and runs on any device; one axis at a time, the most shrinking
+first, so that later passes read a smaller volume. ``tests/test_resample.py`` checks equality with MONAI's
 ``GaussianSmooth`` + ``Spacing`` and ``Invertd`` + ``AsDiscreted``.
 
 Grids follow MONAI's ``Spacing`` (``scale_extent=False``): working voxel ``j`` sits at source voxel
@@ -43,8 +43,6 @@ __all__ = [
 # output voxels per block of one axis operator: large enough for efficient matrix products, small
 # enough that a block reads little more than the source span its outputs need
 _BLOCK = 32
-# elements of one slab's temporaries (float32: 4 bytes each) when working slab by slab
-_SLAB_ELEMENTS = 1 << 24
 
 
 def antialias_sigma(source: Sequence[float], target: Sequence[float]) -> tuple[float, ...]:
@@ -150,7 +148,7 @@ def resample_axes(
     ``"bilinear"`` (images, probabilities): Gaussian anti-aliasing of ``sigma`` source voxels per
     axis (0: none), then linear interpolation, the same as MONAI's ``GaussianFilter`` followed by
     ``grid_sample(align_corners=True)``. Only the region the coordinates need is read, one axis
-    at a time (the most shrinking first), in column chunks, so temporaries stay small for big volumes.
+    at a time (the most shrinking first), so that later passes read a smaller volume.
     ``"nearest"`` (labels) picks voxels by index and keeps the dtype. ``padding``: ``"zeros"`` or
     ``"border"`` outside ``src`` (see :func:`axis_operator`).
 
@@ -190,7 +188,7 @@ def _native_positions(native_shape: Sequence[int], factor: Sequence[float], work
 
 def resample_to_native(img: torch.Tensor, factor: Sequence[float], native_shape: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
     """Inverse of resampling to a working grid of ``factor``: ``img`` ``(C, *working)`` back to
-    ``(C, *native_shape)``, linear (or nearest) with border padding, slab by slab."""
+    ``(C, *native_shape)``, linear (or nearest) with border padding."""
     coords = _native_positions(native_shape, factor, img.shape[1:])
     return resample_axes(img, coords, None, mode, padding="border")
 

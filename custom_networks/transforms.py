@@ -17,7 +17,6 @@ boundary alike in both.
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from typing import Any, Hashable, Mapping, Sequence
