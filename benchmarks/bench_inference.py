@@ -8,7 +8,7 @@ spacing and segmented by the whole pipeline: z-score, resampling (FS only), weig
 fresh weight cache per case), forward over one whole-image window, and inversion to the native
 grid. Rows:
 
-- HyperSpace at the native spacing through :class:`custom_networks.fast.UNetEngine`, eager and
+- HyperSpace at the native spacing through :class:`custom_networks.pipeline.compiled.UNetEngine`, eager and
   compiled (``torch.compile``, bf16 on CUDA, shape buckets);
 - FS: resample to 1 mm, the same UNet, resample back (eager and compiled);
 - peers at 1 mm, timing only, on the same random input: an nnU-Net v2 3d_fullres-like UNet (MONAI's
@@ -37,8 +37,8 @@ from monai.networks.nets import DynUNet, SegResNet
 from monai.transforms import Compose, Invertd, NormalizeIntensityd
 
 from custom_networks import HyperUNet, PrepareBatchSpacing, RandSpacingPatchd, SpacingPolicyd, SpacingSlidingWindowInferer
-from custom_networks.fast import UNetEngine
-from custom_networks.profiling import best_of
+from custom_networks.pipeline.compiled import UNetEngine
+from custom_networks.pipeline.profiling import best_of
 
 FIELD_MM = (240.0, 240.0, 155.0)
 

@@ -80,11 +80,11 @@ def _start(studies: str, model_dir: str, overrides: dict, log_path: str):
 def _params(mode: str) -> dict:
     name, _, value = mode.partition(":")
     if name in ("native", "clamp") and not value:
-        return {"spacing_mode": name}
+        return {"spacing_policy": name}
     if name == "target" and value:
-        return {"spacing_mode": "target", "target_spacing_mm": value}
+        return {"spacing_policy": "target", "target_spacing": value}
     if name == "auto" and value:
-        return {"spacing_mode": "auto", "time_budget_s": float(value), "memory_budget_gb": 0}
+        return {"spacing_policy": "auto", "time_budget_s": float(value), "memory_budget_gb": 0}
     raise ValueError(f"mode {mode!r}: expected native, clamp, target:<mm> or auto:<seconds>.")
 
 

@@ -19,7 +19,7 @@ import fire
 import torch
 
 from custom_networks import HyperUNet, PlainUNet
-from custom_networks.profiling import best_of
+from custom_networks.pipeline.profiling import best_of
 
 FIELD_MM = (240.0, 240.0, 155.0)
 

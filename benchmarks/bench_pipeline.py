@@ -12,8 +12,8 @@ affine), written as ``.nii.gz`` and read back with the BraTS bundle's load trans
 - a 362 x 434 x 362 image at 0.5 mm, segmented at 1.2 mm.
 
 The network is the BraTS bundle's at its paper size (``HyperUNet``, 16/32/64/128 channels, random
-weights: time does not depend on them) through :class:`custom_networks.fast.UNetEngine` (eager),
-as one whole-image window (``custom_networks.pipeline.inferer`` with the working grid rounded up
+weights: time does not depend on them) through :class:`custom_networks.pipeline.compiled.UNetEngine` (eager),
+as one whole-image window (``custom_networks.pipeline.chain.inferer`` with the working grid rounded up
 to the network's divisor, as the app's ``window=whole``); its weights for the working spacing are
 generated before timing, and both pipelines first run once on a tiny image (imports, ITK's lazy
 loading and other one-off costs are paid, as on a server that has answered a request).
@@ -26,11 +26,11 @@ the cells that straddle a boundary). That worst case is timed apart (``--worst_c
 
 Each stage is timed on its own with ``time.perf_counter()``:
 
-- **new** (what the bundles and the app run now, built with ``custom_networks.pipeline``): read
+- **new** (what the bundles and the app run now, built with ``custom_networks.pipeline.chain``): read
   (``LoadImaged`` ... ``Orientationd``), z-score (``NormalizeIntensityd(nonzero=True,
   channel_wise=True)`` at the native resolution), resample (``SpacingPolicyd(policy="target")``),
   network, way back (``NativeLabelsd``: softmax, fused resampling to the native grid, argmax),
-  write (``custom_networks.fileio.write_label``: ``.nrrd`` uncompressed, as 3D Slicer asks for
+  write (``custom_networks.data.fileio.write_label``: ``.nrrd`` uncompressed, as 3D Slicer asks for
   it, counted in the total; ``.nii.gz`` at gzip level 1 shown beside it);
 - **old** (the previous spacing pipeline, rebuilt here from MONAI pieces exactly as it ran):
   read, resample (``GaussianSmooth(sigma)`` then MONAI ``Spacing(mode="bilinear",
@@ -39,7 +39,7 @@ Each stage is timed on its own with ``time.perf_counter()``:
   write (MONAI Label's ``write_itk`` to ``.nii.gz``, ``uint8``, as its ``Writer`` did).
 
 Peak memory of the way back is the growth of this process's resident set size (RSS, sampled every
-2 ms by :func:`custom_networks.profiling.measure` on the CPU, where the way back runs on every
+2 ms by :func:`custom_networks.pipeline.profiling.measure` on the CPU, where the way back runs on every
 device) above its level when the stage starts: the temporaries and the returned label, not the
 class scores already held. It is measured for the network's 2 classes and, for an 8-class model
 such as MM-WHS, on smooth random logits of 8 classes on the 0.5 mm case's working grid (no
@@ -92,12 +92,12 @@ from monai.transforms import (
 from monai.utils import ensure_tuple_rep
 
 from custom_networks import HyperUNet, SpacingPolicyd, SpacingRange, get_dataset, pipeline
-from custom_networks.cost import BudgetSpacing, InferenceCost
-from custom_networks.fast import UNetEngine
-from custom_networks.fileio import write_label
-from custom_networks.profiling import measure
+from custom_networks.pipeline.cost import BudgetSpacing, InferenceCost
+from custom_networks.pipeline.compiled import UNetEngine
+from custom_networks.data.fileio import write_label
+from custom_networks.pipeline.profiling import measure
 from custom_networks.spacing import working_spacing
-from custom_networks.transforms import antialias_sigma, image_spacing
+from custom_networks.pipeline.transforms import antialias_sigma, image_spacing
 
 # what a user measured with the old pipeline through the MONAI Label server (seconds)
 CASES = (

@@ -1,16 +1,30 @@
 """HyperSpace for MONAI: spacing-adaptive segmentation with hypernetworks.
 
-The network (:class:`HyperUNet`, :class:`PlainUNet`, both built from one :class:`UNetLayout`) and
-the training / inference pieces MONAI lacks around it.
+The package is layered; imports flow one way, downwards:
+
+- ``research``  (experiments, analysis, demo) and the bundle tooling (``bundle_tools``, ``checkpoint``)
+- ``pipeline``  spacing: resampling, normalisation, the spacing-aware batching and inferers,
+  the compiled engine, the inference chain, the cost model, click guidance
+- ``data``      data sets, data lists, generated data, atomic file writers
+- ``nets``      the networks: :class:`UNetLayout`, :class:`PlainUNet`, :class:`HyperUNet`
+- ``spacing``   the vocabulary every layer shares: parsing and ranges of spacings (mm)
+
+The names below are the ones users import from ``custom_networks`` directly.
 """
 
-from .datasets import DATASETS, CheckImaged, DatasetSpec, MapLabelsd, get_dataset
-from .engine import PrepareBatchSpacing, PrepareBatchSpacingAffine, SpacingInferer, SpacingSlidingWindowInferer, batch_spacing
-from .hyperspace import HyperUNet
-from .layout import UNetLayout
 from .spacing import SPACING_POLICIES, SpacingRange, as_spacing_tensor, parse_spacing, working_spacing
-from .transforms import NativeLabelsd, RandSpacingPatchd, SpacingPolicyd
-from .unet import PlainUNet
-from . import fast, interactive, pipeline  # noqa: E402  (custom_networks.fast.*, .interactive.*, .pipeline.*)
+from .nets import HyperNetwork, HyperUNet, PlainUNet, UNetLayout
+from .data import DATASETS, CheckImaged, DatasetSpec, MapLabelsd, get_dataset
+from .pipeline import (
+    NativeLabelsd,
+    PrepareBatchSpacing,
+    PrepareBatchSpacingAffine,
+    RandSpacingPatchd,
+    SpacingInferer,
+    SpacingPolicyd,
+    SpacingSlidingWindowInferer,
+    batch_spacing,
+)
+from . import data, nets, pipeline  # noqa: F401  (custom_networks.pipeline.*, .data.*, .nets.* in bundle expressions)
 
 __version__ = "0.1.0"

@@ -16,7 +16,10 @@ import torch
 
 __all__ = ["PHYSICAL_SPACING_MM", "SPACING_POLICIES", "SpacingRange", "as_spacing_tensor", "parse_spacing", "working_spacing"]
 
-SPACING_POLICIES = ("native", "target", "clamp")
+# the spacing policies, default first: "clamp", "native" and "target" are rules of the image's own
+# spacing (working_spacing); "auto" is decided from a cost model and a budget
+# (custom_networks.pipeline.cost.BudgetSpacing), so it is a policy object, not a rule here
+SPACING_POLICIES = ("clamp", "native", "target", "auto")
 # voxel spacings (mm) an image header can sensibly hold: below 10 um or above 5 cm the header is
 # broken (a unit mix-up, a missing pixdim) rather than the scan unusual
 PHYSICAL_SPACING_MM = (0.01, 50.0)
@@ -199,4 +202,7 @@ def working_spacing(native, policy: str = "native", target=None, trained_range=N
         if trained_range.spatial_dims != dims:
             raise ValueError(f"trained spacing range has {trained_range.spatial_dims} axes, the image {dims}.")
         return trained_range.clamp(native)
+    if policy == "auto":
+        raise ValueError("spacing policy 'auto' is decided from a time / memory budget: pass a "
+                         "custom_networks.pipeline.cost.BudgetSpacing as the policy instead of the string.")
     raise ValueError(f"unknown spacing policy {policy!r}; expected one of {SPACING_POLICIES}.")

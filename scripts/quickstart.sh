@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-.venv/bin/python -m custom_networks.demo --output_dir demo_output "$@"
+.venv/bin/python -m custom_networks.research.demo --output_dir demo_output "$@"

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from custom_networks import HyperUNet, PlainUNet
-from custom_networks.analysis import cka_matrix, conv_activations, linear_cka
+from custom_networks.research.analysis import cka_matrix, conv_activations, linear_cka
 
 TOL = 1e-6
 

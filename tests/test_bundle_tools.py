@@ -3,6 +3,7 @@ built in a temporary folder: verify (schema, spacing description, verify_net_in_
 spacing), export (TorchScript for one spacing), pack (a zip that runs without this repository)."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -289,9 +290,10 @@ RUN_UNPACKED = textwrap.dedent(
 )
 
 
-def test_pack_runs_without_the_repository(bundle, trained, tmp_path, capsys):
-    zip_path = Path(pack(bundle, output=tmp_path / "dist" / "b.zip"))
-    assert "PYTHONPATH=<dir>/test_hyperspace_bundle python -m monai.bundle run --config_file" in capsys.readouterr().out
+def test_pack_runs_without_the_repository(bundle, trained, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="custom_networks.bundle_tools"):
+        zip_path = Path(pack(bundle, output=tmp_path / "dist" / "b.zip"))
+    assert "PYTHONPATH=<dir>/test_hyperspace_bundle python -m monai.bundle run --config_file" in caplog.text
     assert os.listdir(tmp_path / "dist") == ["b.zip"]
     names = set(zipfile.ZipFile(zip_path).namelist())
     top = "test_hyperspace_bundle/"
@@ -303,7 +305,7 @@ def test_pack_runs_without_the_repository(bundle, trained, tmp_path, capsys):
         "docs/README.md",
         "LICENSE",
         "custom_networks/__init__.py",
-        "custom_networks/hyperspace.py",
+        "custom_networks/nets/hyperspace.py",
         "custom_networks/bundle_tools.py",
     ]:
         assert top + member in names
@@ -387,6 +389,20 @@ def test_bundle_folders_repeat_fewer_than_40_config_lines():
         for b in folders[i + 1 :]:
             repeated |= a & b
     assert len(repeated) < 40, sorted(repeated)
+
+
+def test_config_expressions_are_at_most_70_characters():
+    """Configs stay declarative: no ``$`` expression longer than 70 characters in any config."""
+    def expressions(value):
+        if isinstance(value, dict):
+            return [e for v in value.values() for e in expressions(v)]
+        if isinstance(value, list):
+            return [e for v in value for e in expressions(v)]
+        return [value] if isinstance(value, str) and value.startswith("$") else []
+
+    found = [e for f in (REPO / "bundles" / "common" / "configs").glob("*.json") for e in expressions(json.loads(f.read_text()))]
+    assert len(found) > 50  # the configs were read
+    assert max(map(len, found)) <= 70, max(found, key=len)
 
 
 def test_a_linked_bundle_that_types_generated_metadata_is_refused(tmp_path):

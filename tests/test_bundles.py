@@ -17,7 +17,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from custom_networks import HyperUNet
-from custom_networks.synthetic_datasets import write_synthetic_dataset
+from custom_networks.data.synthetic_datasets import write_synthetic_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES = {
@@ -277,7 +277,7 @@ def test_bad_image_and_label_fail_naming_the_file(tmp_path):
 
 
 def _images(name, data):
-    from custom_networks.datalist import inference_items
+    from custom_networks.data.datalist import inference_items
 
     return [item["image"] for item in inference_items(data, name)]
 

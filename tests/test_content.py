@@ -288,7 +288,7 @@ def _server_label(server, case, params: dict, geometry: dict) -> tuple[np.ndarra
 @pytest.mark.parametrize("case", CASES["brats"], ids=[c.name for c in CASES["brats"]])
 def test_server_native_label_is_the_oracle_label_voxel_for_voxel(server, images, case):
     expected, geometry = images["brats"]["truth"][case.name]
-    label, out = _server_label(server, case, {"spacing_mode": "native"}, geometry)
+    label, out = _server_label(server, case, {"spacing_policy": "native"}, geometry)
     np.testing.assert_allclose(out["working_spacing_mm"], case.ras_spacing, atol=1e-3)
     assert np.array_equal(label.astype(bool), expected), _where_they_differ(label, expected)
 
@@ -297,7 +297,7 @@ def test_server_native_label_is_the_oracle_label_voxel_for_voxel(server, images,
 def test_server_coarse_label_keeps_the_object_in_place(server, images, case):
     expected, geometry = images["brats"]["truth"][case.name]
     target = ",".join(f"{2 * s:g}" for s in case.ras_spacing)
-    label, out = _server_label(server, case, {"spacing_mode": "target", "target_spacing_mm": target}, geometry)
+    label, out = _server_label(server, case, {"spacing_policy": "target", "target_spacing": target}, geometry)
     np.testing.assert_allclose(out["working_spacing_mm"], [2 * s for s in case.ras_spacing], atol=1e-3)
     score = dice(label, expected)
     assert score >= MIN_DICE, _where_they_differ(label, expected)

@@ -1,7 +1,7 @@
 """Unit tests of the budget-driven working spacing and what feeds it.
 
-Covers ``custom_networks.cost`` (window counts, working shapes, candidate spacings, the cost model
-and the ``BudgetSpacing`` policy), ``custom_networks.profiling.measure``, ``SpacingRange``'s text
+Covers ``custom_networks.pipeline.cost`` (window counts, working shapes, candidate spacings, the cost model
+and the ``BudgetSpacing`` policy), ``custom_networks.pipeline.profiling.measure``, ``SpacingRange``'s text
 form, ``MapLabelsd``'s per-item label map and ``SpacingPolicyd`` with a callable policy.
 """
 
@@ -16,11 +16,11 @@ from monai.inferers import sliding_window_inference
 from monai.transforms import Compose, Invertd
 
 from custom_networks import HyperUNet
-from custom_networks.cost import BudgetSpacing, InferenceCost, candidate_spacings, window_count, working_shape
-from custom_networks.datasets import MapLabelsd
-from custom_networks.profiling import measure
+from custom_networks.pipeline.cost import BudgetSpacing, InferenceCost, candidate_spacings, window_count, working_shape
+from custom_networks.data.datasets import MapLabelsd
+from custom_networks.pipeline.profiling import measure
 from custom_networks.spacing import SpacingRange
-from custom_networks.transforms import SpacingPolicyd
+from custom_networks.pipeline.transforms import SpacingPolicyd
 
 RANGE = SpacingRange((0.5, 0.5, 0.5), (3.5, 3.5, 3.5))
 
@@ -387,7 +387,7 @@ def test_measure_cpu_time_and_memory():
 
     script = """
 import json, time, numpy as np, psutil
-from custom_networks.profiling import measure
+from custom_networks.pipeline.profiling import measure
 baseline = psutil.Process().memory_info().rss
 with measure("cpu") as m:
     time.sleep(0.05)

@@ -15,9 +15,9 @@ from monai.data import MetaTensor, load_decathlon_datalist
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
 from custom_networks import PlainUNet
-from custom_networks.datalist import find_cases, make_datalist, split_cases
-from custom_networks.datasets import DATASETS, CheckImaged, MapLabelsd, check_image, get_dataset
-from custom_networks.synthetic_datasets import SPACINGS, case_ids, write_synthetic_dataset
+from custom_networks.data.datalist import find_cases, make_datalist, split_cases
+from custom_networks.data.datasets import DATASETS, CheckImaged, MapLabelsd, check_image, get_dataset
+from custom_networks.data.synthetic_datasets import SPACINGS, case_ids, write_synthetic_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("brats", "spider", "mmwhs")
@@ -71,11 +71,11 @@ def test_registry_names_and_network_kwargs():
         kwargs = spec.network_kwargs()
         assert kwargs["out_channels"] == len(spec.classes) and spec.classes[0] == "background"
         assert spec.hypernetwork_kwargs()["hidden_features"] == spec.hidden_features
-        assert spec.spacing_range.contains(spec.fs_spacing)
+        assert spec.spacing_range.contains(spec.fs_target_spacing)
     assert get_dataset("BraTS").modality == "t1ce" and get_dataset("brats").zscore_nonzero
     spider = get_dataset("spider")
     # axis 0 is the thick-slice axis in the spacing range, the FS spacing and the patch alike
-    assert spider.spacing_range.high[0] == 5.0 and spider.fs_spacing[0] == 3.3 and spider.patch_size == (48, 128, 256)
+    assert spider.spacing_range.high[0] == 5.0 and spider.fs_target_spacing[0] == 3.3 and spider.patch_size == (48, 128, 256)
     net = PlainUNet(**spider.network_kwargs())
     assert len(net.down) == 5 and net.head.out_channels == 3
 
@@ -312,7 +312,7 @@ def test_datalist_cli_writes_json(roots, tmp_path, monkeypatch, capsys):
     output = tmp_path / "cli" / "datalist.json"
     argv = ["datalist", "mmwhs", "--root", roots["mmwhs"], "--output", str(output), "--seed", "3"]
     monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_module("custom_networks.datalist", run_name="__main__")
+    runpy.run_module("custom_networks.data.datalist", run_name="__main__")
     assert "3 training, 1 validation, 1 test (mmwhs, mr)" in capsys.readouterr().out
     assert json.loads(output.read_text()) == make_datalist("mmwhs", roots["mmwhs"], seed=3)
 
@@ -320,7 +320,7 @@ def test_datalist_cli_writes_json(roots, tmp_path, monkeypatch, capsys):
 def test_datalist_cli_bad_root_subprocess(tmp_path):
     """As a user runs it: exit code != 0 and one clear line on stderr, no traceback, no file."""
     bad, output = str(tmp_path / "no_such_folder"), tmp_path / "datalist.json"
-    cmd = [sys.executable, "-m", "custom_networks.datalist", "spider", "--root", bad, "--output", str(output)]
+    cmd = [sys.executable, "-m", "custom_networks.data.datalist", "spider", "--root", bad, "--output", str(output)]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     assert f"error: spider data folder {bad} does not exist" in run.stderr and "Traceback" not in run.stderr
@@ -329,7 +329,7 @@ def test_datalist_cli_bad_root_subprocess(tmp_path):
 
 @pytest.mark.parametrize("content", ["", "[1, 2]", "{not json"])
 def test_a_malformed_data_list_file_is_named(tmp_path, content):
-    from custom_networks.datalist import load_split
+    from custom_networks.data.datalist import load_split
 
     path = tmp_path / "datalist.json"
     path.write_text(content)

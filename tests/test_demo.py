@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from custom_networks.inference import predict
+from custom_networks.pipeline.inference import predict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    cmd = [sys.executable, "-m", "custom_networks.demo", "--output_dir", str(out), "--iterations", "4"]
+    cmd = [sys.executable, "-m", "custom_networks.research.demo", "--output_dir", str(out), "--iterations", "4"]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, json.loads((out / "summary.json").read_text())

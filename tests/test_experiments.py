@@ -1,4 +1,4 @@
-"""Spacing sweeps (custom_networks.experiments): intervals, seeded sampling, per-case evaluation, the
+"""Spacing sweeps (custom_networks.research.experiments): intervals, seeded sampling, per-case evaluation, the
 tidy CSV and resuming an interrupted sweep. Tiny untrained networks on a small generated case."""
 
 import csv
@@ -13,7 +13,7 @@ from monai.networks.utils import one_hot
 
 from custom_networks import HyperUNet, PlainUNet, SpacingRange, SpacingSlidingWindowInferer
 from custom_networks.bundle_tools import bundle_parser
-from custom_networks.experiments import Method, evaluate_case, parse_interval, sample_spacings, segment_spacings, sweep_rows
+from custom_networks.research.experiments import Method, evaluate_case, parse_interval, sample_spacings, segment_spacings, sweep_rows
 
 
 def _case(shape=(24, 20, 12), spacing=(1.0, 1.0, 2.0)):
@@ -74,7 +74,7 @@ def test_case_dice_is_monai_dice_at_the_working_spacing():
     out = evaluate_case(Method("as", _Threshold()), image, label, (2.0, 2.0, 2.0), 2, INFERER)
     assert out["working_shape"] == [12, 10, 12]
     # the same prediction, by hand: the image and label as acquired at 2 mm, z-score, threshold
-    from custom_networks.experiments import _acquire
+    from custom_networks.research.experiments import _acquire
 
     acquired, truth = _acquire(image, label, (2.0, 2.0, 2.0))
     z = (acquired - acquired.mean()) / acquired.std()
@@ -87,7 +87,7 @@ def test_case_dice_is_monai_dice_at_the_working_spacing():
 
 def test_fs_resamples_to_its_spacing_and_back():
     image, label = _case()
-    fs = evaluate_case(Method("fs", _Threshold(), fixed_spacing=(1.0, 1.0, 1.0)), image, label, (2.0, 2.0, 2.0), 2, INFERER)
+    fs = evaluate_case(Method("fs", _Threshold(), target_spacing=(1.0, 1.0, 1.0)), image, label, (2.0, 2.0, 2.0), 2, INFERER)
     assert fs["working_shape"] == [23, 19, 23]  # run at the fixed 1 mm (MONAI keeps the corner voxels)
     assert fs["dice"][0] > 0.7  # and scored back at 2 mm
     with pytest.raises(ValueError, match="fixed spacing"):
@@ -154,7 +154,7 @@ def test_sweep_refuses_a_csv_of_another_shape(tmp_path):
 
 
 def _write_rows(path, rows):
-    from custom_networks.experiments import SWEEP_COLUMNS
+    from custom_networks.research.experiments import SWEEP_COLUMNS
 
     columns = [*SWEEP_COLUMNS, "dice_1", "mean_dice", "seconds", "peak_memory_gb", "memory_kind", "working_shape"]
     with open(path, "w", newline="") as f:
@@ -165,7 +165,7 @@ def _write_rows(path, rows):
 
 
 def test_table2_has_one_row_per_interval_and_one_column_per_method(tmp_path):
-    from custom_networks.experiments import table2
+    from custom_networks.research.experiments import table2
 
     rows = []
     for sweep, base in (("[0.5,3.5]^3", 0.8), ("[0.8,1.2]^3", 0.9)):
@@ -183,7 +183,7 @@ def test_table2_has_one_row_per_interval_and_one_column_per_method(tmp_path):
 
 
 def test_figure2_plots_are_png_files(tmp_path):
-    from custom_networks.experiments import plot_sweep
+    from custom_networks.research.experiments import plot_sweep
 
     rows = []
     for s in segment_spacings("1,1,1", "1,1,4", 4):
@@ -209,8 +209,8 @@ def test_sweep_command_on_a_bundle_writes_csv_table_and_plots(tmp_path):
     import sys
 
     
-    from custom_networks.datalist import find_cases
-    from custom_networks.synthetic_datasets import write_synthetic_dataset
+    from custom_networks.data.datalist import find_cases
+    from custom_networks.data.synthetic_datasets import write_synthetic_dataset
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bundle = os.path.join(root, "bundles", "brats_mri_tumour_segmentation")
@@ -224,7 +224,7 @@ def test_sweep_command_on_a_bundle_writes_csv_table_and_plots(tmp_path):
         checkpoints[family] = str(tmp_path / f"{family}.pt")
         torch.save(parser.get_parsed_content("network_def").state_dict(), checkpoints[family])
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "custom_networks.experiments", "sweep", bundle, "--data_list", str(data_list),
+    cmd = [sys.executable, "-m", "custom_networks.research.experiments", "sweep", bundle, "--data_list", str(data_list),
            "--output_dir", str(out), "--intervals", "['[1,3]^3']", "--n", "1", "--segments", "[['1,1,1','2,2,3']]",
            "--points", "2", "--checkpoints", json.dumps(checkpoints), "--overrides", json.dumps(overrides), "--device", "cpu"]
     result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
@@ -245,7 +245,7 @@ def test_cost_table_compares_fs_with_hyperspace_per_native_spacing():
     import os
     import re
 
-    from custom_networks.experiments import cost_table
+    from custom_networks.research.experiments import cost_table
 
     bundle = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bundles", "brats_mri_tumour_segmentation")
     table = cost_table(bundle, spacings="1,3", field_mm=(24, 24, 16), device="cpu", repeats=1,
@@ -264,8 +264,8 @@ def test_cka_study_writes_matrices_and_heatmaps(tmp_path):
     import os
 
     
-    from custom_networks.experiments import cka_study
-    from custom_networks.synthetic_datasets import write_synthetic_dataset
+    from custom_networks.research.experiments import cka_study
+    from custom_networks.data.synthetic_datasets import write_synthetic_dataset
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     bundle = os.path.join(root, "bundles", "brats_mri_tumour_segmentation")
@@ -295,7 +295,7 @@ def test_miniature_experiment_command_writes_its_table_and_plot(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "mini"
-    cmd = [sys.executable, "-m", "custom_networks.experiments", "miniature", "--output_dir", str(out),
+    cmd = [sys.executable, "-m", "custom_networks.research.experiments", "miniature", "--output_dir", str(out),
            "--iterations", "2", "--n", "1", "--points", "2", "--device", "cpu"]
     result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -12,7 +12,7 @@ import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd
 
 from custom_networks import PrepareBatchSpacingAffine, SpacingInferer, SpacingPolicyd
-from custom_networks.interactive import AddGuidanceSignalMMd, ClickGuidanced, InitialClickGuidanced, clicks_to_grid
+from custom_networks.pipeline.interactive import AddGuidanceSignalMMd, ClickGuidanced, InitialClickGuidanced, clicks_to_grid
 
 LABELS = {"background": 0, "ball": 1}
 
@@ -154,8 +154,8 @@ def test_clicks_correct_the_segmentation_after_short_training(tmp_path):
     from monai.utils import set_determinism
 
     from custom_networks import HyperUNet, SpacingSlidingWindowInferer
-    from custom_networks.demo import DEMO_LAYOUT, train_on_volumes
-    from custom_networks.synthetic import write_click_task_dataset
+    from custom_networks.research.demo import DEMO_LAYOUT, train_on_volumes
+    from custom_networks.data.synthetic import write_click_task_dataset
 
     set_determinism(0)
     rng = np.random.RandomState(0)

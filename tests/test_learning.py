@@ -1,6 +1,6 @@
 """Learning test: HyperSpace learns a task where the label depends on size in millimetres.
 
-Balls of radius 5 mm are foreground, balls of 2.5 mm background (custom_networks.synthetic). At 1 mm
+Balls of radius 5 mm are foreground, balls of 2.5 mm background (custom_networks.data.synthetic). At 1 mm
 a background ball is 2.5 voxels in radius; at 2 mm a foreground ball is too. A UNet that ignores the
 spacing (the AS baseline) cannot get both right; HyperUNet, told the spacing, can.
 
@@ -24,7 +24,7 @@ from monai.transforms import AsDiscreted, Compose
 from torch.utils.data import IterableDataset
 
 from custom_networks import HyperUNet, PlainUNet, PrepareBatchSpacing
-from custom_networks.synthetic import ball_patch
+from custom_networks.data.synthetic import ball_patch
 
 PATCH = (16, 16, 16)
 LAYOUT = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32), convs_per_level=1)

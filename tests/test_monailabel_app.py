@@ -24,7 +24,7 @@ import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException
 
-from custom_networks.synthetic_datasets import write_synthetic_dataset
+from custom_networks.data.synthetic_datasets import write_synthetic_dataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the tests' own helpers
 from serving import running_server  # noqa: E402
@@ -143,11 +143,11 @@ def test_info_lists_every_bundle_with_its_options(server, untouched):
     assert {m["type"] for m in info["models"].values()} == {"segmentation", "deepedit"}
     interactive = info["models"][INTERACTIVE]
     assert interactive["type"] == "deepedit" and interactive["labels"] == {"background": 0, "tumour_core": 1}
-    assert interactive["config"]["spacing_mode"][0] == "clamp" and interactive["trained"] is False
+    assert interactive["config"]["spacing_policy"][0] == "clamp" and interactive["trained"] is False
     model = info["models"][MODEL]
     assert model["labels"] == {"tumour_core": 1}
-    assert model["config"]["spacing_mode"][0] == "clamp" and set(model["config"]["spacing_mode"]) == {"clamp", "native", "target", "auto"}
-    assert set(model["config"]) >= {"target_spacing_mm", "memory_budget_gb", "time_budget_s"}
+    assert model["config"]["spacing_policy"][0] == "clamp" and set(model["config"]["spacing_policy"]) == {"clamp", "native", "target", "auto"}
+    assert set(model["config"]) >= {"target_spacing", "memory_budget_gb", "time_budget_s"}
     assert model["config"]["window"] == ["auto", "patch", "whole"]
     # only types Slicer's options panel can show
     assert all(isinstance(v, (bool, int, float, str, list)) for v in model["config"].values())
@@ -170,18 +170,18 @@ def test_infer_without_weights_says_how_to_get_them(untouched):
     [
         ("no_such_model", "case0", {}, 404, "no model 'no_such_model'"),
         (MODEL, "no_such_image", {}, 404, "image 'no_such_image' is not in the datastore"),
-        (MODEL, "case0", {"spacing_mode": "fastest"}, 400, "spacing_mode 'fastest' is not one of"),
-        (MODEL, "case0", {"spacing_mode": "target", "target_spacing_mm": ""}, 400, "has 0 values"),
-        (MODEL, "case0", {"spacing_mode": "target", "target_spacing_mm": "0"}, 400, "must be positive finite"),
-        (MODEL, "case0", {"spacing_mode": "target", "target_spacing_mm": "-1.5"}, 400, "must be positive finite"),
-        (MODEL, "case0", {"spacing_mode": "target", "target_spacing_mm": "nan"}, 400, "must be positive finite"),
-        (MODEL, "case0", {"spacing_mode": "target", "target_spacing_mm": "a,b,c"}, 400, "'a,b,c' is not numeric"),
-        (MODEL, "case0", {"spacing_mode": "auto", "time_budget_s": "soon"}, 400, "time_budget_s 'soon' is not a number"),
+        (MODEL, "case0", {"spacing_policy": "fastest"}, 400, "spacing_policy 'fastest' is not one of"),
+        (MODEL, "case0", {"spacing_policy": "target", "target_spacing": ""}, 400, "has 0 values"),
+        (MODEL, "case0", {"spacing_policy": "target", "target_spacing": "0"}, 400, "must be positive finite"),
+        (MODEL, "case0", {"spacing_policy": "target", "target_spacing": "-1.5"}, 400, "must be positive finite"),
+        (MODEL, "case0", {"spacing_policy": "target", "target_spacing": "nan"}, 400, "must be positive finite"),
+        (MODEL, "case0", {"spacing_policy": "target", "target_spacing": "a,b,c"}, 400, "'a,b,c' is not numeric"),
+        (MODEL, "case0", {"spacing_policy": "auto", "time_budget_s": "soon"}, 400, "time_budget_s 'soon' is not a number"),
         (MODEL, "case0", {"window": "tiles"}, 400, "window 'tiles' is not one of"),
         (MODEL, "corrupt", {}, 415, "corrupt.nii.gz' is not an image this server can read"),
         (MODEL, "nan", {}, 422, "has 1 NaN or infinite voxel(s)"),
         (MODEL, "tiny", {}, 422, "expected at least 4 voxels on every axis"),
-        (MODEL, "tinyspacing", {"spacing_mode": "native"}, 422, "expected 0.01 to 50 mm on every axis"),
+        (MODEL, "tinyspacing", {"spacing_policy": "native"}, 422, "expected 0.01 to 50 mm on every axis"),
     ],
 )
 def test_bad_infer_requests_get_a_clear_error_and_the_server_goes_on(server, model, image, params, status, words):
@@ -256,10 +256,10 @@ def test_annotate_train_and_segment(server, trained):
 
     cases = [("case0", "case0.nii.gz", (1.0, 1.0, 1.0)), ("thick", "thick.nrrd", (0.8, 0.8, 5.0)), ("spine", "spine.mha", None)]
     modes = [
-        ({"spacing_mode": "native", "window": "patch"}, lambda native: native),
-        ({"spacing_mode": "clamp", "window": "whole"}, lambda native: tuple(min(max(s, 1.0), 3.0) for s in native)),  # BraTS: 1-3 mm
-        ({"spacing_mode": "target", "target_spacing_mm": "2,2,2.5"}, lambda native: (2.0, 2.0, 2.5)),
-        ({"spacing_mode": "auto", "time_budget_s": 60}, None),
+        ({"spacing_policy": "native", "window": "patch"}, lambda native: native),
+        ({"spacing_policy": "clamp", "window": "whole"}, lambda native: tuple(min(max(s, 1.0), 3.0) for s in native)),  # BraTS: 1-3 mm
+        ({"spacing_policy": "target", "target_spacing": "2,2,2.5"}, lambda native: (2.0, 2.0, 2.5)),
+        ({"spacing_policy": "auto", "time_budget_s": 60}, None),
     ]
     for image_id, name, native in cases:
         for params, expected in modes:
@@ -267,7 +267,7 @@ def test_annotate_train_and_segment(server, trained):
             assert result.endswith(".nrrd"), result
             label = _assert_same_geometry(result, os.path.join(studies, name))
             assert label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1}
-            assert out["spacing_mode"] == params["spacing_mode"]
+            assert out["spacing_policy"] == params["spacing_policy"]
             assert out["window"] == params.get("window", out["window"]) and out["window"] in ("patch", "whole")
             assert out["seconds"] > 0 and out["peak_memory_gb"] > 0 and out["memory_kind"] == "cpu_rss"
             if native is not None:
@@ -277,23 +277,23 @@ def test_annotate_train_and_segment(server, trained):
             # outside BraTS's trained 1-3 mm (thick slices in native mode) the result says so
             assert out["trained_spacing_range_mm"] == "1,3"
             assert out["extrapolated"] is (not all(1.0 <= s <= 3.0 for s in out["working_spacing_mm"]))
-            if params["spacing_mode"] == "auto":
+            if params["spacing_policy"] == "auto":
                 assert out["auto"]["fits"] is True and out["auto"]["predicted_seconds"] <= 60
                 assert out["working_spacing_mm"] == out["auto"]["spacing"]
     # NIfTI results at the gzip level asked for; a level that is none gets a 400
     for level in (1, 9):
-        result, _ = client.infer(MODEL, "case0", {"spacing_mode": "target", "target_spacing_mm": "2", "result_extension": ".nii.gz",
+        result, _ = client.infer(MODEL, "case0", {"spacing_policy": "target", "target_spacing": "2", "result_extension": ".nii.gz",
                                                   "result_dtype": "uint8", "result_compress_level": level})
         assert result.endswith(".nii.gz")
         _assert_same_geometry(result, os.path.join(studies, "case0.nii.gz"))
     status, msg = _error(client.infer, MODEL, "case0", {"result_extension": ".nii.gz", "result_compress_level": 12})
     assert status == 400 and "result_compress_level 12" in msg
     # auto with a budget nothing meets: the coarsest candidate, and it says so
-    _, out = client.infer(MODEL, "case0", {"spacing_mode": "auto", "time_budget_s": 1e-6, **SLICER})
+    _, out = client.infer(MODEL, "case0", {"spacing_policy": "auto", "time_budget_s": 1e-6, **SLICER})
     assert out["auto"]["fits"] is False and min(out["working_spacing_mm"]) >= 2.9
 
     # the user corrects the thick-slice result in Slicer and saves it; retraining fine-tunes
-    result, _ = client.infer(MODEL, "thick", {"spacing_mode": "clamp", **SLICER})
+    result, _ = client.infer(MODEL, "thick", {"spacing_policy": "clamp", **SLICER})
     corrected = itk.imread(result)
     array = itk.array_view_from_image(corrected)
     array[array.shape[0] // 2, 20:40, 20:40] = 1
@@ -307,7 +307,7 @@ def test_annotate_train_and_segment(server, trained):
     assert _sha(checkpoint) != before and os.path.getmtime(checkpoint) > mtime
     assert f"Fine-tuning from {checkpoint}" in open(server["log"]).read()
     # the next request loads the new checkpoint
-    result, _ = client.infer(MODEL, "thick", {"spacing_mode": "native", **SLICER})
+    result, _ = client.infer(MODEL, "thick", {"spacing_policy": "native", **SLICER})
     _assert_same_geometry(result, os.path.join(studies, "thick.nrrd"))
     assert open(server["log"]).read().count("Loaded checkpoint") == loads + 1
 
@@ -323,7 +323,7 @@ def test_interactive_model_trains_then_segments_and_refines_with_clicks(server, 
 
     image = os.path.join(studies, "thick.nrrd")  # 0.8 x 0.8 x 5 mm
     size = _geometry(image)[0]
-    options = {"spacing_mode": "target", "target_spacing_mm": "2", **SLICER}
+    options = {"spacing_policy": "target", "target_spacing": "2", **SLICER}
     result, auto = client.infer(INTERACTIVE, "thick", options)
     _assert_same_geometry(result, image)
     assert auto["clicks"] == {"background": 0, "tumour_core": 0}
@@ -380,7 +380,7 @@ def test_warmup_loads_a_trained_model_and_generates_its_weights_once(tmp_path):
 def test_a_corrupt_checkpoint_is_named_and_the_previous_model_keeps_serving(server, trained):
     client, studies = server["client"], server["studies"]
     checkpoint = os.path.join(server["model_dir"], f"{MODEL}.pt")
-    params = {"spacing_mode": "target", "target_spacing_mm": "3", **SLICER}
+    params = {"spacing_policy": "target", "target_spacing": "3", **SLICER}
     before = _assert_same_geometry(client.infer(MODEL, "case1", params)[0], os.path.join(studies, "case1.nii.gz"))
     good = open(checkpoint, "rb").read()
     try:

@@ -83,7 +83,7 @@ def test_gradients_reach_only_the_hypernetwork():
     names = [n for n, _ in net.named_parameters()]
     assert names and all(n.startswith(("embed.", "heads.")) for n in names), names
     assert any(n.startswith("embed.") for n in names) and any(n.startswith("heads.") for n in names)
-    template = net._template[0]
+    template = net.primary
     assert all(p.is_meta for p in template.parameters())
     assert all(p.device.type == "meta" for p in template.parameters())
     # the template's parameters are not registered with the hypernetwork

@@ -1,5 +1,5 @@
 """The one spacing pipeline: shared transforms are stateless, training sees what inference sees,
-the bundles declare the chain :mod:`custom_networks.pipeline` builds, and labels are written fast
+the bundles declare the chain :mod:`custom_networks.pipeline.chain` builds, and labels are written fast
 and atomically in the format asked for."""
 
 import glob
@@ -18,9 +18,9 @@ from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Normalize
 
 from custom_networks import get_dataset, pipeline
 from custom_networks.bundle_tools import bundle_parser
-from custom_networks.cost import BudgetSpacing, InferenceCost
-from custom_networks.fileio import write_label
-from custom_networks.transforms import NativeLabelsd, RandSpacingPatchd, SpacingPolicyd
+from custom_networks.pipeline.cost import BudgetSpacing, InferenceCost
+from custom_networks.data.fileio import write_label
+from custom_networks.pipeline.transforms import NativeLabelsd, RandSpacingPatchd, SpacingPolicyd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLES = {"brats": "brats_mri_tumour_segmentation", "spider": "spider_mri_spine_segmentation", "mmwhs": "mmwhs_mri_heart_segmentation"}

@@ -16,8 +16,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Activationsd, AsDiscreted, Compose, GaussianSmooth, Invertd, Orientationd, Spacing
 
-from custom_networks.resample import antialias_sigma, labels_to_native, resample_axes, resample_to_native, working_grid
-from custom_networks.transforms import NativeLabelsd, SpacingPolicyd
+from custom_networks.pipeline.resample import antialias_sigma, labels_to_native, resample_axes, resample_to_native, working_grid
+from custom_networks.pipeline.transforms import NativeLabelsd, SpacingPolicyd
 
 
 def _affine(kind: str, spacing) -> np.ndarray:
@@ -56,7 +56,7 @@ def test_resampling_equals_gaussian_smooth_then_spacing(target):
 
 def test_resampling_big_axes_in_blocks_equals_one_dense_operator():
     """Axes longer than a block go block by block; the result is the dense operator's."""
-    from custom_networks.resample import axis_operator
+    from custom_networks.pipeline.resample import axis_operator
 
     x = torch.rand(2, 150, 9, 140)
     shape, factor = working_grid(x.shape[1:], (0.5, 1.0, 0.7), (1.2, 1.0, 2.0))

@@ -1,4 +1,4 @@
-"""Training that survives faults (custom_networks.checkpoint, custom_networks.data_checks).
+"""Training that survives faults (custom_networks.checkpoint, custom_networks.data.checks).
 
 A bundle's training, as `python -m monai.bundle run training` subprocesses on generated BraTS data
 with CPU-sized overrides, is killed with SIGKILL in the middle of an epoch and again in the middle
@@ -35,9 +35,9 @@ from custom_networks.checkpoint import (
     parse_flag,
     save_atomic,
 )
-from custom_networks.data_checks import TrainingDataError, check_training_data, read_geometry
-from custom_networks.datalist import make_datalist
-from custom_networks.synthetic_datasets import write_synthetic_dataset
+from custom_networks.data.checks import TrainingDataError, check_training_data, read_geometry
+from custom_networks.data.datalist import make_datalist
+from custom_networks.data.synthetic_datasets import write_synthetic_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_JSON = os.path.join(ROOT, "bundles", "brats_mri_tumour_segmentation", "configs", "train.json")

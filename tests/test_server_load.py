@@ -31,7 +31,7 @@ from test_monailabel_app import MODEL, OVERRIDES, README_COMMAND, SLICER, _error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLE = os.path.join(ROOT, "bundles", MODEL)
-CHEAP = {"spacing_mode": "target", "target_spacing_mm": "3", **SLICER}  # the cheapest request: 16 x 16 x 11 voxels here
+CHEAP = {"spacing_policy": "target", "target_spacing": "3", **SLICER}  # the cheapest request: 16 x 16 x 11 voxels here
 TRAIN = {"max_epochs": 3, "val_interval": 1, "train_batch_size": 2}
 LOADED = "Loaded checkpoint "
 
@@ -117,7 +117,7 @@ def _last_load_time(log_path: str, checkpoint: str) -> float:
 def test_concurrent_infers_return_the_sequential_labels(server):
     """4 client threads x 5 requests in flight together give, voxel for voxel, the labels of the
     same requests made one after another."""
-    requests_ = [(f"case{i % 3}", {"spacing_mode": "native", **SLICER} if i % 2 else {**CHEAP, "target_spacing_mm": "2,2,2"})
+    requests_ = [(f"case{i % 3}", {"spacing_policy": "native", **SLICER} if i % 2 else {**CHEAP, "target_spacing": "2,2,2"})
                  for i in range(20)]
     distinct = {(image, json.dumps(params, sort_keys=True)): None for image, params in requests_}
     client = server["client"]

@@ -8,7 +8,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, Invertd
 
-from custom_networks.transforms import RandSpacingPatchd, SpacingPolicyd, antialias_sigma, image_spacing
+from custom_networks.pipeline.transforms import RandSpacingPatchd, SpacingPolicyd, antialias_sigma, image_spacing
 
 BALL_RADIUS = 20.0
 BALL_VOLUME = 4.0 / 3.0 * math.pi * BALL_RADIUS**3
@@ -324,7 +324,7 @@ def test_samples_per_spacing_draws_one_spacing_per_batch(ball):
 def test_output_spacing_simulates_coarse_acquisition_at_fixed_spacing(ball):
     """FS training: acquired at the drawn spacing, delivered at the fixed spacing."""
     fixed = (1.0, 1.0, 1.0)
-    t = RandSpacingPatchd(["image", "label"], [[3.0, 3.0]] * 3, (64, 64, 64), pos_fraction=0.0, output_spacing=fixed)
+    t = RandSpacingPatchd(["image", "label"], [[3.0, 3.0]] * 3, (64, 64, 64), pos_fraction=0.0, target_spacing=fixed)
     t.set_random_state(0)
     out = t(ball)
     assert out["image"].shape == (1, 64, 64, 64)
@@ -337,8 +337,8 @@ def test_output_spacing_simulates_coarse_acquisition_at_fixed_spacing(ball):
     # white noise acquired at 3 mm and brought back to 1 mm keeps little of its 1 mm detail
     rng = np.random.RandomState(1)
     noise = {"image": meta(rng.normal(0, 1, (1, 64, 64, 64)).astype(np.float32), np.eye(4))}
-    sharp = RandSpacingPatchd("image", [[1.0, 1.0]] * 3, (32, 32, 32), mode="bilinear", label_key=None, normalize=False, output_spacing=fixed)
-    blurred = RandSpacingPatchd("image", [[3.0, 3.0]] * 3, (32, 32, 32), mode="bilinear", label_key=None, normalize=False, output_spacing=fixed)
+    sharp = RandSpacingPatchd("image", [[1.0, 1.0]] * 3, (32, 32, 32), mode="bilinear", label_key=None, normalize=False, target_spacing=fixed)
+    blurred = RandSpacingPatchd("image", [[3.0, 3.0]] * 3, (32, 32, 32), mode="bilinear", label_key=None, normalize=False, target_spacing=fixed)
     assert float(sharp(noise)["image"].std()) > 0.9
     assert float(blurred(noise)["image"].std()) < 0.3
 
@@ -348,7 +348,7 @@ def test_separable_resampling_equals_gaussian_filter_then_grid_sample():
     import torch.nn.functional as F
     from monai.networks.layers import GaussianFilter
 
-    from custom_networks.resample import resample_axes as _resample
+    from custom_networks.pipeline.resample import resample_axes as _resample
 
     torch.manual_seed(0)
     src = torch.randn(2, 30, 26, 22)

@@ -17,7 +17,8 @@ import torch
 from monai.bundle import ConfigParser
 from monailabel.interfaces.config import TaskConfig
 
-from custom_networks.fast import compile_flag
+from custom_networks.nets.build import PRIMARY_NETWORKS, matches_state_dict
+from custom_networks.pipeline.compiled import compile_flag
 
 from ..infers import HyperSpaceInteractive, HyperSpaceSegmentation
 from ..trainers import HyperSpaceTrain
@@ -116,9 +117,36 @@ class HyperSpaceConfig(TaskConfig):
         parser.update({"bundle_root": self.bundle_path, **self.overrides, **overrides})
         return parser
 
-    def build_network(self, device: str | torch.device) -> torch.nn.Module:
+    def build_network(self, device: str | torch.device, **overrides: Any) -> torch.nn.Module:
         """A new, untrained instance of the bundle's network (``network_def``) on ``device``."""
-        return self.parser("inference.json").get_parsed_content("network_def").to(device)
+        return self.parser("inference.json", **overrides).get_parsed_content("network_def").to(device)
+
+    def network_overrides(self, state: dict) -> dict:
+        """The config overrides under which ``network_def`` is the network ``state`` was trained as.
+
+        A bundle trained with ``--primary_network sdn_unet`` leaves a checkpoint of that network
+        while the bundle's config still says ``unet``: the app serves (and fine-tunes) whichever
+        primary network the checkpoint holds. ``{}`` when the configured network matches, and
+        also when none does (loading then fails with the mismatch named).
+        """
+        for overrides in [{}] + [{"primary_network": p} for p in PRIMARY_NETWORKS]:
+            with torch.device("meta"):  # the structure only: no memory, no initialisation cost
+                network = self.parser("inference.json", **overrides).get_parsed_content("network_def")
+            if matches_state_dict(network, state):
+                return overrides
+        return {}
+
+    def checkpoint_overrides(self) -> dict:
+        """:meth:`network_overrides` of the checkpoint at :attr:`path` (``{}`` without one)."""
+        if not os.path.isfile(self.path):
+            return {}
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # an unreadable file is reported where it is loaded for serving
+            return {}
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]
+        return self.network_overrides(state) if isinstance(state, dict) else {}
 
     @property
     def description(self) -> str:

@@ -1,3 +1,3 @@
-from .hyperspace import SPACING_MODES, HyperSpaceInteractive, HyperSpaceSegmentation
+from .hyperspace import SPACING_POLICIES, HyperSpaceInteractive, HyperSpaceSegmentation
 
-__all__ = ["SPACING_MODES", "HyperSpaceInteractive", "HyperSpaceSegmentation"]
+__all__ = ["SPACING_POLICIES", "HyperSpaceInteractive", "HyperSpaceSegmentation"]

@@ -2,11 +2,11 @@
 
 Options in Slicer's options panel (``config``):
 
-- ``spacing_mode``: ``clamp`` (default: the image's own spacing, axes outside the trained range
+- ``spacing_policy``: ``clamp`` (default: the image's own spacing, axes outside the trained range
   moved to its nearest edge), ``native`` (the image's own spacing, even outside the trained range),
-  ``target`` (``target_spacing_mm``), ``auto`` (the finest spacing whose predicted cost fits
-  ``memory_budget_gb`` on a GPU and ``time_budget_s``; see :mod:`custom_networks.cost`).
-- ``target_spacing_mm``: ``"1.5"`` or ``"1.5,1.5,3"`` (mm, image axes after the bundle's
+  ``target`` (``target_spacing``), ``auto`` (the finest spacing whose predicted cost fits
+  ``memory_budget_gb`` on a GPU and ``time_budget_s``; see :mod:`custom_networks.pipeline.cost`).
+- ``target_spacing``: ``"1.5"`` or ``"1.5,1.5,3"`` (mm, image axes after the bundle's
   orientation step, RAS for all bundles here).
 - ``window``: how the working grid is covered: ``patch`` (the bundle's sliding window),
   ``whole`` (one window over the whole grid: no overlapping windows, more memory) or ``auto``
@@ -16,7 +16,7 @@ Options in Slicer's options panel (``config``):
 
 The label comes back on the input's own grid (shape, spacing, origin, direction): the bundle's
 preprocessing is inverted with MONAI's ``Invertd``. The result's JSON ``params`` say what happened:
-``spacing_mode``, ``native_spacing_mm``, ``working_spacing_mm``, ``working_shape``, ``seconds``,
+``spacing_policy``, ``native_spacing_mm``, ``working_spacing_mm``, ``working_shape``, ``seconds``,
 ``peak_memory_gb`` (``memory_kind``: CUDA allocator or CPU resident set), and for ``auto`` the
 prediction it planned with.
 """
@@ -39,18 +39,17 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import name_to_device
 
-from custom_networks.cost import BudgetSpacing, InferenceCost
-from custom_networks.fast import UNetEngine
-from custom_networks.fileio import write_label
-from custom_networks.interactive import ClickError
-from custom_networks.profiling import measure
-from custom_networks.spacing import parse_spacing
-from custom_networks.transforms import NativeLabelsd
+from custom_networks.pipeline.cost import BudgetSpacing, InferenceCost
+from custom_networks.pipeline.compiled import UNetEngine
+from custom_networks.data.fileio import write_label
+from custom_networks.pipeline.interactive import ClickError
+from custom_networks.pipeline.profiling import measure
+from custom_networks.spacing import SPACING_POLICIES, parse_spacing
+from custom_networks.pipeline.transforms import NativeLabelsd
 
 if TYPE_CHECKING:
     from ..configs.hyperspace import HyperSpaceConfig
 
-SPACING_MODES = ("clamp", "native", "target", "auto")
 WINDOW_MODES = ("auto", "patch", "whole")
 logger = logging.getLogger(__name__)
 _PRE = "hyperspace_preprocessing"
@@ -107,19 +106,19 @@ class HyperSpaceSegmentation(BasicInferTask):
 
     Args:
         bundle: the :class:`~lib.configs.hyperspace.HyperSpaceConfig` to serve.
-        default_target_mm: the ``target_spacing_mm`` shown by default.
+        default_target_spacing: the ``target_spacing`` shown by default.
         memory_budget_gb, time_budget_s: the default budgets of ``auto``.
     """
 
     infer_type = InferType.SEGMENTATION
 
-    def __init__(self, bundle: "HyperSpaceConfig", default_target_mm: float = 1.5, memory_budget_gb: float = 8.0, time_budget_s: float = 20.0):
+    def __init__(self, bundle: "HyperSpaceConfig", default_target_spacing: float = 1.5, memory_budget_gb: float = 8.0, time_budget_s: float = 20.0):
         self.bundle = bundle
         self.trained_range = bundle.spec.spacing_range
         parser = bundle.parser("inference.json")
         inferer = parser.get_parsed_content("inferer")
         self.in_channels = int(parser.get_parsed_content("network_def#in_channels"))
-        target = self.trained_range.clamp([default_target_mm] * self.trained_range.spatial_dims)
+        target = self.trained_range.clamp([default_target_spacing] * self.trained_range.spatial_dims)
         super().__init__(
             path=bundle.path,
             network=None,
@@ -129,8 +128,8 @@ class HyperSpaceSegmentation(BasicInferTask):
             description=f"{self.describe()} Trained on spacings {self.trained_range.to_string()} mm.",
             roi_size=tuple(inferer.roi_size),
             config={
-                "spacing_mode": list(SPACING_MODES),
-                "target_spacing_mm": ",".join(f"{s:g}" for s in target),
+                "spacing_policy": list(SPACING_POLICIES),
+                "target_spacing": ",".join(f"{s:g}" for s in target),
                 "window": list(WINDOW_MODES),
                 "memory_budget_gb": float(memory_budget_gb),
                 "time_budget_s": float(time_budget_s),
@@ -168,13 +167,13 @@ class HyperSpaceSegmentation(BasicInferTask):
     # --- request options ----------------------------------------------------------------------
     def spacing_options(self, data: dict) -> dict[str, Any]:
         """The validated spacing options of a request; a bad value is an HTTP 400 naming it."""
-        mode = str(_option(data, "spacing_mode", SPACING_MODES[0])).strip().lower()
-        if mode not in SPACING_MODES:
-            raise HTTPException(400, f"spacing_mode {data.get('spacing_mode')!r} is not one of {', '.join(SPACING_MODES)}.")
+        mode = str(_option(data, "spacing_policy", SPACING_POLICIES[0])).strip().lower()
+        if mode not in SPACING_POLICIES:
+            raise HTTPException(400, f"spacing_policy {data.get('spacing_policy')!r} is not one of {', '.join(SPACING_POLICIES)}.")
         options: dict[str, Any] = {"mode": mode, "target": None}
         if mode == "target":
             try:
-                options["target"] = parse_spacing(_option(data, "target_spacing_mm", None), 3, what="target_spacing_mm")
+                options["target"] = parse_spacing(_option(data, "target_spacing", None), 3, what="target_spacing")
             except ValueError as e:
                 raise HTTPException(400, str(e)) from None
         window = str(_option(data, "window", WINDOW_MODES[0])).strip().lower()
@@ -272,7 +271,7 @@ class HyperSpaceSegmentation(BasicInferTask):
             label, result = super().writer(data, extension, dtype)
         image = data[self.input_key]
         decision = data.get("spacing_decision", {})
-        result["spacing_mode"] = self.spacing_options(data)["mode"]
+        result["spacing_policy"] = self.spacing_options(data)["mode"]
         result["native_spacing_mm"] = [round(float(s), 4) for s in data["pred"].pixdim]
         result["working_spacing_mm"] = [round(float(s), 4) for s in data["spacing"]]
         result["working_shape"] = list(image.shape[1:])
@@ -313,11 +312,13 @@ class HyperSpaceSegmentation(BasicInferTask):
             cached = self._networks.get(device)
             if cached and cached[1] == mtime:
                 return cached[0]
-            network = self.bundle.build_network(device)
             try:
                 state = torch.load(path, map_location=device, weights_only=True)
                 if isinstance(state, dict) and isinstance(state.get("model"), dict):
                     state = state["model"]
+                # the primary network the checkpoint was trained with (unet, sdn_unet)
+                overrides = self.bundle.network_overrides(state) if isinstance(state, dict) else {}
+                network = self.bundle.build_network(device, **overrides)
                 network.load_state_dict(state)
             except Exception as e:  # a truncated or foreign file: unpickling and loading raise many types
                 problem = f"checkpoint {path} of '{self.bundle.name}' cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
@@ -330,7 +331,10 @@ class HyperSpaceSegmentation(BasicInferTask):
             network.eval()
             # cached weights per spacing, and on CUDA a compiled bf16 forward (--conf compile)
             network = UNetEngine(network, compile=self.bundle.compile)
-            logger.info(f"Loaded checkpoint {path} for {self.bundle.name} on {device} (compile: {self.bundle.compile})")
+            logger.info(
+                f"Loaded checkpoint {path} for {self.bundle.name} on {device} "
+                f"({type(network.network).__name__}{', ' + str(overrides) if overrides else ''}; compile: {self.bundle.compile})"
+            )
             self._networks[device] = (network, mtime)
             self._costs.pop(device, None)
             return network
@@ -369,7 +373,7 @@ class HyperSpaceInteractive(HyperSpaceSegmentation):
     MONAI's DeepEdit: one request entry per label name (background included) holding ``[[i, j, k],
     ...]``, voxel indices of the image as stored, e.g. ``{"tumour_core": [[120, 98, 77]],
     "background": [[40, 60, 70]]}``. They are mapped exactly onto the working grid and drawn as
-    Gaussians of a fixed width in mm (:class:`custom_networks.interactive.ClickGuidanced`), so a
+    Gaussians of a fixed width in mm (:class:`custom_networks.pipeline.interactive.ClickGuidanced`), so a
     click means the same at every working spacing. A click that is not three numbers or lies
     outside the image is an HTTP 400 naming it. The result's JSON adds ``clicks`` (number per label).
     """

@@ -152,13 +152,17 @@ class HyperSpaceTrain(TrainTask):
             train, val = items, items
         checkpoint = self.bundle.path
         handlers = self.bundle.parser("train.json").config["train"]["handlers"]
+        network = {}
         if options["pretrained"] and os.path.isfile(checkpoint):
-            logger.info(f"Fine-tuning from {checkpoint}")
+            # fine-tune the primary network the checkpoint holds (unet, sdn_unet)
+            network = self.bundle.checkpoint_overrides()
+            logger.info(f"Fine-tuning from {checkpoint}{' as ' + str(network) if network else ''}")
             handlers = [{"_target_": "CheckpointLoader", "load_path": checkpoint, "load_dict": {"model": "@network"}, "map_location": options["device"]}] + handlers
         os.makedirs(self.output_dir, exist_ok=True)
         overrides = {
             "bundle_root": self.bundle.bundle_path,
             **self.bundle.overrides,
+            **network,
             "device": options["device"],
             "epochs": options["max_epochs"],
             "learning_rate": options["learning_rate"],

@@ -1,8 +1,8 @@
 """The one resampler: images to a working spacing and predictions back to the native grid.
 
 Every spacing change in the project goes through this module: the training patches
-(:class:`~custom_networks.transforms.RandSpacingPatchd`), inference resampling
-(:class:`~custom_networks.transforms.SpacingPolicyd`), its inverse, and the fused way back from
+(:class:`~custom_networks.pipeline.transforms.RandSpacingPatchd`), inference resampling
+(:class:`~custom_networks.pipeline.transforms.SpacingPolicyd`), its inverse, and the fused way back from
 class probabilities on the working grid to labels on the native grid (:func:`labels_to_native`).
 
 Why not MONAI's ``GaussianSmooth`` + ``Spacing``: the grids here are axis-aligned with the source

@@ -232,8 +232,8 @@ def interaction(
     With probability ``deepgrow_probability`` an iteration simulates ``max_interactions`` rounds
     of clicks on the current prediction's errors; otherwise the guidance channels are zeroed, so
     the model also learns to segment without clicks. Use it with
-    :class:`~custom_networks.engine.PrepareBatchSpacingAffine` and
-    :class:`~custom_networks.engine.SpacingInferer`: the handler unpacks ``prepare_batch`` into two
+    :class:`~custom_networks.pipeline.batching.PrepareBatchSpacingAffine` and
+    :class:`~custom_networks.pipeline.batching.SpacingInferer`: the handler unpacks ``prepare_batch`` into two
     values and calls ``inferer(inputs, network)``.
     """
     return Interaction(

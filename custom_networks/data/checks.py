@@ -8,7 +8,7 @@ checkpoints. :func:`check_training_data` reads file headers only (and, where ask
 and reports every bad case at once, naming its files and values.
 
 The layout and the data list file themselves are checked where they are read
-(:func:`custom_networks.datalist.load_split`); label values and image headers again as every case
+(:func:`custom_networks.data.datalist.load_split`); label values and image headers again as every case
 is loaded (:class:`~custom_networks.MapLabelsd`, :class:`~custom_networks.CheckImaged`).
 """
 

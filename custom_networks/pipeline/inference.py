@@ -10,7 +10,7 @@ import torch
 from monai.data import DataLoader, Dataset, decollate_batch
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged
 
-from . import pipeline
+from . import chain
 
 __all__ = ["predict"]
 
@@ -31,7 +31,7 @@ def predict(
 ) -> list[dict]:
     """Segment ``images`` (NIfTI/NRRD/MHA paths) and write ``<name>_<postfix><output_ext>`` to ``output_dir``.
 
-    The chain is :mod:`custom_networks.pipeline`'s: z-score (``nonzero``: over non-zero voxels),
+    The chain is :mod:`custom_networks.pipeline.chain`'s: z-score (``nonzero``: over non-zero voxels),
     resample to the working spacing chosen by ``policy`` (see
     :func:`custom_networks.spacing.working_spacing`), sliding window, labels back on the input's
     own grid (shape, spacing, origin, direction), atomic save. Images are used in their stored
@@ -45,16 +45,16 @@ def predict(
         raise FileNotFoundError(f"image file(s) not found: {missing}")
     os.makedirs(output_dir, exist_ok=True)
     load = [LoadImaged(keys="image", image_only=True), EnsureChannelFirstd(keys="image"), EnsureTyped(keys="image", dtype=torch.float32)]
-    pre = Compose(load + pipeline.spacing_steps(nonzero, policy, target_spacing, trained_range))
-    post = pipeline.postprocessing(pre, output_dir, output_postfix, output_ext, compresslevel)
-    window = pipeline.inferer(roi_size, overlap=0.25)
+    pre = Compose(load + chain.spacing_steps(nonzero, policy, target_spacing, trained_range))
+    post = chain.postprocessing(pre, output_dir, output_postfix, output_ext, compresslevel)
+    window = chain.inferer(roi_size, overlap=0.25)
     loader = DataLoader(Dataset([{"image": p} for p in images], transform=pre), batch_size=1, num_workers=0)
     network = network.to(device).eval()
     records = []
     for batch in loader:
         start = time.perf_counter()
         for item in decollate_batch(batch):
-            item["pred"] = pipeline.run_network(network, window, item, device)
+            item["pred"] = chain.run_network(network, window, item, device)
             out = post(item)
             records.append(
                 {

@@ -5,7 +5,7 @@ budget ("at most 8 GB of GPU memory", "at most 20 s on this CPU") into a working
 :class:`InferenceCost` predicts the time and peak memory of sliding-window inference on an image
 at a candidate spacing from a few calibrated constants, and :class:`BudgetSpacing` walks the
 candidates from fine to coarse and keeps the finest one that fits. ``BudgetSpacing`` is a spacing
-policy for :class:`~custom_networks.transforms.SpacingPolicyd`.
+policy for :class:`~custom_networks.pipeline.transforms.SpacingPolicyd`.
 
 Units: spacings in mm, shapes in voxels, both in tensor axis order; times in seconds; memory in
 bytes.
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .profiling import best_of
-from .spacing import SpacingRange, parse_spacing
+from ..spacing import SpacingRange, parse_spacing
 
 __all__ = ["WINDOWS", "BudgetSpacing", "InferenceCost", "candidate_spacings", "window_count", "working_shape"]
 
@@ -84,7 +84,7 @@ class InferenceCost:
     """Predicted time and peak memory of sliding-window inference, from calibrated constants.
 
     Two ways to cover the working grid: ``"patch"`` slides windows of ``roi_size`` (shrunk on axes
-    where the image is smaller, as :class:`~custom_networks.engine.SpacingSlidingWindowInferer`
+    where the image is smaller, as :class:`~custom_networks.pipeline.batching.SpacingSlidingWindowInferer`
     does), ``"whole"`` runs one window over the whole grid (padded to ``divisor``). A window of
     ``v`` voxels is predicted to take ``seconds_per_window * v / prod(roi_size)`` and to add
     ``window_bytes * v / prod(roi_size)`` of memory. On top of the windows: ``native_voxels *
@@ -197,7 +197,7 @@ def _calibrate_native_steps(in_channels: int, out_channels: int, shape=(128, 128
 
     from monai.data import MetaTensor
 
-    from .fileio import write_label
+    from ..data.fileio import write_label
     from .profiling import best_of
     from .resample import labels_to_native, working_grid
     from .transforms import SpacingPolicyd

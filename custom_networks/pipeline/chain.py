@@ -2,7 +2,7 @@
 labels on the native grid -> save.
 
 Every inference path builds its chain here or from a bundle's ``inference.json``, which declares
-the same steps (a test compares the two): :func:`custom_networks.inference.predict`, the
+the same steps (a test compares the two): :func:`custom_networks.pipeline.inference.predict`, the
 experiments and the benchmarks call :func:`preprocessing` and :func:`postprocessing`; the MONAI
 Label app and ``python -m monai.bundle run inference`` parse the bundle config.
 
@@ -12,10 +12,10 @@ step            what it is
 load            the data set's ``DatasetSpec.load_transforms``: read, channel first, header check,
                 reorientation to the data set's axis codes
 normalize       MONAI's ``NormalizeIntensityd(nonzero, channel_wise=True)`` at the native resolution,
-                the same normalisation as the training patches (:mod:`custom_networks.transforms`)
-resample        :class:`~custom_networks.transforms.SpacingPolicyd` to the working spacing
-(network)       :class:`~custom_networks.engine.SpacingSlidingWindowInferer`
-to native       :class:`~custom_networks.transforms.NativeLabelsd`: softmax, back to the native grid
+                the same normalisation as the training patches (:mod:`custom_networks.pipeline.transforms`)
+resample        :class:`~custom_networks.pipeline.transforms.SpacingPolicyd` to the working spacing
+(network)       :class:`~custom_networks.pipeline.batching.SpacingSlidingWindowInferer`
+to native       :class:`~custom_networks.pipeline.transforms.NativeLabelsd`: softmax, back to the native grid
                 and the input's orientation, argmax, fused
 save            :class:`SaveLabeld`: MONAI's ``SaveImaged`` with atomic writers, ``uint8``, the input's
                 geometry; ``.nii.gz`` at a fast gzip level, NRRD / MetaImage uncompressed
@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from monai.transforms import Compose, NormalizeIntensityd, SaveImaged
 
-from .engine import SpacingSlidingWindowInferer
-from .fileio import writer_for
+from .batching import SpacingSlidingWindowInferer
+from ..data.fileio import writer_for
 from .transforms import NativeLabelsd, SpacingPolicyd
 
-__all__ = ["SaveLabeld", "inferer", "postprocessing", "preprocessing", "spacing_steps"]
+__all__ = ["SaveLabeld", "inferer", "postprocessing", "preprocessing", "run_network", "spacing_steps"]
 
 
 class SaveLabeld(SaveImaged):

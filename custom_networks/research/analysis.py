@@ -5,7 +5,7 @@ for different spacings with linear Centered Kernel Alignment (Kornblith et al., 
 
 * :func:`linear_cka` -- CKA between two activation matrices of the same ``n`` examples;
 * :func:`conv_activations` -- the activations of every block and of the head of a
-  :class:`~custom_networks.unet.PlainUNet` (e.g. from :meth:`HyperUNet.generate`);
+  :class:`~custom_networks.nets.unet.PlainUNet` (e.g. from :meth:`HyperUNet.generate`);
 * :func:`cka_matrix` -- CKA between every pair of layers of two such activation sets, with the
   layers brought to a common spatial grid so that the rows compare the same physical locations.
 
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import ConvBlock, PlainUNet
+from ..nets.unet import ConvBlock, PlainUNet
 
 __all__ = ["linear_cka", "conv_activations", "cka_matrix"]
 
@@ -97,7 +97,7 @@ def linear_cka(x, y) -> float:
 def conv_activations(unet: PlainUNet, x: torch.Tensor) -> Dict[str, torch.Tensor]:
     """The activations after each conv + nonlinearity of a UNet, and its output, for input ``x``.
 
-    One entry per :class:`~custom_networks.unet.ConvBlock` (encoder and decoder) and one for the
+    One entry per :class:`~custom_networks.nets.unet.ConvBlock` (encoder and decoder) and one for the
     ``head`` (the logits), keyed by module name (``"down.0.0"``, ..., ``"up.0.convs.0"``, ...,
     ``"head"``) in the order the modules run in the forward pass.
 

@@ -1,11 +1,11 @@
 """MONAI data lists from the official BraTS 2021, SPIDER and MM-WHS folder layouts.
 
 The layouts themselves (file templates, case id pattern, modalities) live in
-:mod:`custom_networks.datasets`; this module finds the cases, pairs each image with its label,
+:mod:`custom_networks.data.datasets`; this module finds the cases, pairs each image with its label,
 splits them reproducibly and writes the list atomically. Command line::
 
-    python -m custom_networks.datalist brats --root /data/BraTS2021 --output datalist.json
-    python -m custom_networks.datalist spider --root /data/SPIDER --modality t2 --output spider_t2.json
+    python -m custom_networks.data.datalist brats --root /data/BraTS2021 --output datalist.json
+    python -m custom_networks.data.datalist spider --root /data/SPIDER --modality t2 --output spider_t2.json
 
 The JSON file has the Medical Segmentation Decathlon form that ``monai.data.load_decathlon_datalist``
 reads: ``{"name", "description", "modality", "labels": {"0": "background", ...}, "training": [...],
@@ -21,7 +21,7 @@ import os
 import re
 import sys
 
-import numpy as np
+from monai.data import load_decathlon_datalist, partition_dataset
 
 from .datasets import DATASETS, DatasetSpec, get_dataset
 from .fileio import atomic_output
@@ -148,9 +148,10 @@ def split_cases(items: list, val_fraction: float = 0.2, test_fraction: float = 0
             f"{n} case(s) are too few for {n_val} validation and {n_test} test case(s) plus one for training; "
             f"need at least {n_test + n_val + 1}, or lower val_fraction / test_fraction."
         )
-    order = np.random.RandomState(seed).permutation(n)
-    parts = (("training", order[n_test + n_val :]), ("validation", order[n_test : n_test + n_val]), ("test", order[:n_test]))
-    return {key: [items[i] for i in idx] for key, idx in parts}
+    # MONAI's partition_dataset shuffles with RandomState(seed); ratios equal to the counts make
+    # its cut points exactly these counts (it rounds ratios down, which would drop the minimum of one)
+    test, val, training = partition_dataset(list(items), ratios=[n_test, n_val, n - n_test - n_val], shuffle=True, seed=seed)
+    return {"training": training, "validation": val, "test": test}
 
 
 def write_json_atomic(data, path: str) -> str:
@@ -215,7 +216,8 @@ def load_split(dataset: str | DatasetSpec, dataset_dir: str, split: str, data_li
     """One split (``"training"``, ``"validation"`` or ``"test"``) for a bundle workflow.
 
     From ``data_list_file`` (a MONAI data list JSON, e.g. written by :func:`make_datalist`) when
-    given, otherwise from ``dataset_dir`` in its official layout with the default split.
+    given, read with MONAI's ``load_decathlon_datalist`` (relative paths are relative to the
+    file's folder), otherwise from ``dataset_dir`` in its official layout with the default split.
 
     Raises:
         FileNotFoundError / ValueError: naming the file or folder, or the missing or empty split.
@@ -231,13 +233,12 @@ def load_split(dataset: str | DatasetSpec, dataset_dir: str, split: str, data_li
                                  "such as {\"training\": [{\"image\": ..., \"label\": ...}], ...}.") from None
         if not isinstance(datalist, dict):
             raise ValueError(f"data list file {data_list_file} holds a {type(datalist).__name__}; expected a JSON object of splits.")
-        source = data_list_file
-    else:
-        datalist = make_datalist(dataset, dataset_dir, seed=seed)
-        source = dataset_dir
-    items = datalist.get(split)
+        if not datalist.get(split):
+            raise ValueError(f"{data_list_file} has no {split!r} cases; expected a non-empty list under the key {split!r}.")
+        return load_decathlon_datalist(data_list_file, is_segmentation=True, data_list_key=split)
+    items = make_datalist(dataset, dataset_dir, seed=seed).get(split)
     if not items:
-        raise ValueError(f"{source} has no {split!r} cases; expected a non-empty list under the key {split!r}.")
+        raise ValueError(f"{dataset_dir} has no {split!r} cases; expected a non-empty list under the key {split!r}.")
     return items
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from custom_networks import HyperUNet, PlainUNet, SpacingSlidingWindowInferer
-from custom_networks.fast import UNetEngine, bucket_shape
+from custom_networks.pipeline.compiled import UNetEngine, bucket_shape
 
 SPACINGS = ([1.0, 1.0, 3.0], [2.0, 2.0, 2.0])
 
@@ -134,7 +134,7 @@ def test_bad_options_are_refused(net):
 
 
 def test_compile_network_for_training_keeps_checkpoint_keys_and_numbers(net):
-    from custom_networks.fast import compile_network
+    from custom_networks.pipeline.compiled import compile_network
 
     x, s = torch.randn(2, 1, 16, 16, 16), torch.tensor([SPACINGS[0]] * 2)
     net.train()

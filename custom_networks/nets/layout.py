@@ -1,7 +1,7 @@
 """The one description of the UNet that every model in this project is built from.
 
-:class:`UNetLayout` is read by :class:`~custom_networks.unet.PlainUNet` to build its layers, and
-:class:`~custom_networks.hyperspace.HyperUNet` builds its per-layer hypernetwork heads from the
+:class:`UNetLayout` is read by :class:`~custom_networks.nets.unet.PlainUNet` to build its layers, and
+:class:`~custom_networks.nets.hyperspace.HyperUNet` builds its per-layer hypernetwork heads from the
 parameters of a ``PlainUNet`` made from the same layout. The plain baselines (FS, FSNR, AS) and
 HyperSpace therefore cannot disagree about the architecture.
 """

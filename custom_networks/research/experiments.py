@@ -16,7 +16,7 @@ to ``s`` (MONAI's ``DiceMetric``). How the methods run (paper, section 4):
 The time and peak memory of a row cover the method's pipeline on the image at ``s``: z-scoring,
 its resampling, weight generation (HyperSpace weights are generated afresh for every row) and the
 sliding window; the simulated acquisition and the Dice are not included. Peak memory is the CUDA
-allocator's peak on a GPU and the process's RSS on the CPU (:mod:`custom_networks.profiling`).
+allocator's peak on a GPU and the process's RSS on the CPU (:mod:`custom_networks.pipeline.profiling`).
 
 Spacing intervals are written as in the paper: ``"[0.5,3.5]^3"`` or ``"[1,5]x[0.2,1.5]^2"``
 (mm per axis, tensor axis order).
@@ -25,6 +25,7 @@ Spacing intervals are written as in the paper: ``"[0.5,3.5]^3"`` or ``"[1,5]x[0.
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import re
@@ -37,11 +38,13 @@ from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 from monai.transforms import Compose
 
-from .engine import SpacingSlidingWindowInferer
-from .spacing import SpacingRange, parse_spacing
-from . import pipeline
-from .transforms import NativeLabelsd, SpacingPolicyd
-from .profiling import measure
+from ..pipeline.batching import SpacingSlidingWindowInferer
+from ..spacing import SpacingRange, parse_spacing
+from ..pipeline import chain
+from ..pipeline.transforms import NativeLabelsd, SpacingPolicyd
+from ..pipeline.profiling import measure
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "Method", "SWEEP_COLUMNS", "evaluate_case", "parse_interval", "sample_spacings", "segment_spacings", "sweep_rows"]
 
@@ -94,19 +97,19 @@ class Method:
         name: one of :data:`METHODS`.
         network: a :class:`~custom_networks.HyperUNet` for ``hs``/``hs_clamp``, a
             :class:`~custom_networks.PlainUNet` otherwise; in eval mode.
-        fixed_spacing: FS's training spacing (``fs`` only).
+        target_spacing: FS's training spacing (``fs`` only).
         trained_range: HyperSpace's trained range (``hs_clamp`` only).
     """
 
     name: str
     network: torch.nn.Module
-    fixed_spacing: Sequence[float] | None = None
+    target_spacing: Sequence[float] | None = None
     trained_range: SpacingRange | None = None
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ValueError(f"method {self.name!r} is not one of {METHODS}.")
-        if self.name == "fs" and self.fixed_spacing is None:
+        if self.name == "fs" and self.target_spacing is None:
             raise ValueError("method 'fs' needs the fixed spacing it was trained at.")
         if self.name == "hs_clamp" and self.trained_range is None:
             raise ValueError("method 'hs_clamp' needs the trained spacing range.")
@@ -115,7 +118,7 @@ class Method:
         """How the method chooses its working spacing for an image at ``s``: ``SpacingPolicyd``
         arguments (``native`` for the methods that run at ``s``)."""
         if self.name == "fs":
-            return {"policy": "target", "target_spacing": list(self.fixed_spacing)}
+            return {"policy": "target", "target_spacing": list(self.target_spacing)}
         if self.name == "hs_clamp":
             return {"policy": "clamp", "trained_range": self.trained_range}
         return {"policy": "native"}
@@ -173,7 +176,7 @@ def _memory(m) -> dict:
 def segment(method: Method, image: torch.Tensor, inferer: SpacingSlidingWindowInferer, nonzero: bool = False, device="cpu"):
     """Run ``method``'s whole pipeline on ``image`` (``(1, X, Y, Z)`` MetaTensor); measured.
 
-    The steps are the inference pipeline's (:mod:`custom_networks.pipeline`): z-score, resample
+    The steps are the inference pipeline's (:mod:`custom_networks.pipeline.chain`): z-score, resample
     to the method's working spacing, network, fused way back to labels on the image's grid.
 
     Returns:
@@ -181,14 +184,14 @@ def segment(method: Method, image: torch.Tensor, inferer: SpacingSlidingWindowIn
         are generated afresh (the cache is cleared first), so their cost is included.
     """
     policy = method.spacing_policy()
-    chain = Compose(pipeline.spacing_steps(nonzero, policy["policy"], policy.get("target_spacing"), policy.get("trained_range")))
+    chain = Compose(chain.spacing_steps(nonzero, policy["policy"], policy.get("target_spacing"), policy.get("trained_range")))
     back = NativeLabelsd("pred", transform=chain, orig_keys="image")
     network = method.network.to(device).eval()
     if hasattr(network, "clear_cache"):
         network.clear_cache()
     with measure(device) as m:
         d = chain({"image": image})
-        d["pred"] = pipeline.run_network(network, inferer, d, device, amp=False)
+        d["pred"] = chain.run_network(network, inferer, d, device, amp=False)
         pred = back(d)["pred"]
     return pred, m, list(d["image"].shape[1:])
 
@@ -294,7 +297,7 @@ def table2(csv_path: str, methods: Sequence[str] = METHODS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(csv_path: str, output_dir: str, trained_range: SpacingRange | None = None, fixed_spacing: Sequence[float] | None = None) -> list[str]:
+def plot_sweep(csv_path: str, output_dir: str, trained_range: SpacingRange | None = None, target_spacing: Sequence[float] | None = None) -> list[str]:
     """PNG plots shaped like the paper's Figure 2, one set per segment sweep (``"a->b"`` names).
 
     For each segment: Dice vs the spacing along the segment's most varying axis (mean over cases,
@@ -326,8 +329,8 @@ def plot_sweep(csv_path: str, output_dir: str, trained_range: SpacingRange | Non
             ax.set_title(title)
             if trained_range is not None:
                 ax.axvspan(trained_range.low[axis], trained_range.high[axis], color="0.9", label="trained range")
-            if fixed_spacing is not None:
-                ax.axvline(float(fixed_spacing[axis]), color="k", linestyle="--", label="FS spacing")
+            if target_spacing is not None:
+                ax.axvline(float(target_spacing[axis]), color="k", linestyle="--", label="FS spacing")
         axes[0].set_ylim(0, 1)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"segment {sweep}")
@@ -340,7 +343,7 @@ def plot_sweep(csv_path: str, output_dir: str, trained_range: SpacingRange | Non
 
 
 def _bundle_parser(bundle_dir: str, extra: str | None, overrides: dict):
-    from .bundle_tools import bundle_parser
+    from ..bundle_tools import bundle_parser
 
     return bundle_parser(bundle_dir, ["inference.json"] + ([extra] if extra else []), overrides)
 
@@ -376,7 +379,7 @@ def load_methods(bundle_dir: str, checkpoints: dict | None = None, methods: Sequ
             state = torch.load(path, map_location="cpu", weights_only=True)
             net.load_state_dict(state["model"] if isinstance(state.get("model"), dict) else state)
             networks[family] = net.to(device).eval()
-        out.append(Method(name, networks[family], fixed_spacing=spec.fs_spacing if name == "fs" else None,
+        out.append(Method(name, networks[family], target_spacing=spec.fs_target_spacing if name == "fs" else None,
                           trained_range=spec.spacing_range if name == "hs_clamp" else None))
     return out, spec, inferer
 
@@ -403,13 +406,13 @@ def sweep(
 
     Example (BraTS, the paper's two intervals, a Figure-2 segment, native)::
 
-        python -m custom_networks.experiments sweep bundles/brats_mri_tumour_segmentation \\
+        python -m custom_networks.research.experiments sweep bundles/brats_mri_tumour_segmentation \\
             --dataset_dir /data/BraTS2021 --intervals "['[0.5,3.5]^3','[0.8,1.2]^3']" --n 20 \\
             --segments "[['1,1,1','1,1,5']]" --output_dir brats_sweep
 
     Args:
         bundle_dir: the bundle (its configs decide the data set, networks and inferer).
-        dataset_dir / data_list / split: the cases, as for the bundle (``custom_networks.datalist``).
+        dataset_dir / data_list / split: the cases, as for the bundle (``custom_networks.data.datalist``).
         methods: comma-separated subset of :data:`METHODS`.
         intervals: Monte Carlo intervals such as ``"[0.5,3.5]^3"``; ``n`` seeded samples each.
         segments: ``[start, end]`` spacing pairs; ``points`` evenly spaced spacings each.
@@ -422,7 +425,7 @@ def sweep(
 
     from monai.transforms import Compose
 
-    from .datalist import load_split
+    from ..data.datalist import load_split
 
     overrides = json.loads(overrides) if isinstance(overrides, str) else dict(overrides or {})
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -451,7 +454,7 @@ def sweep(
     table = table2(csv_path)
     with open(os.path.join(output_dir, "table2.md"), "w") as f:
         f.write(table)
-    plots = plot_sweep(csv_path, output_dir, spec.spacing_range, spec.fs_spacing)
+    plots = plot_sweep(csv_path, output_dir, spec.spacing_range, spec.fs_target_spacing)
     print(table)
     return {"csv": csv_path, "table": os.path.join(output_dir, "table2.md"), "plots": plots}
 
@@ -471,7 +474,7 @@ def cost_table(
     spacing. The networks are the bundle's with fresh weights (time and memory do not depend on
     the weights). Every figure comes from this one run; the fastest of ``repeats`` is kept.
 
-        python -m custom_networks.experiments cost_table bundles/brats_mri_tumour_segmentation
+        python -m custom_networks.research.experiments cost_table bundles/brats_mri_tumour_segmentation
     """
     import json
 
@@ -483,7 +486,7 @@ def cost_table(
     parser = _bundle_parser(bundle_dir, None, overrides)
     spec, inferer = parser.get_parsed_content("spec"), parser.get_parsed_content("inferer")
     hs = Method("hs", parser.get_parsed_content("network_def"))
-    fs = Method("fs", _bundle_parser(bundle_dir, "fs.json", overrides).get_parsed_content("network_def"), fixed_spacing=spec.fs_spacing)
+    fs = Method("fs", _bundle_parser(bundle_dir, "fs.json", overrides).get_parsed_content("network_def"), target_spacing=spec.fs_target_spacing)
     lines = [
         f"| native spacing (mm) | grid | FS time | HS time | FS / HS time | FS peak memory | HS peak memory | FS / HS memory |",
         "|---|---|---|---|---|---|---|---|",
@@ -500,7 +503,7 @@ def cost_table(
         lines.append(f"| {s:g} | {'x'.join(map(str, shape))} | {t_fs:.3g} s | {t_hs:.3g} s | {t_fs / t_hs:.1f} | "
                      f"{m_fs / 1e9:.3g} GB | {m_hs / 1e9:.3g} GB | {m_fs / max(m_hs, 1):.1f} |")
     name = torch.cuda.get_device_name(0) if str(device).startswith("cuda") else f"CPU, {os.cpu_count()} cores"
-    table = "\n".join(lines) + f"\n\n{name}; FS fixed spacing {list(spec.fs_spacing)} mm; peak memory: {kind} growth during the pipeline\n"
+    table = "\n".join(lines) + f"\n\n{name}; FS fixed spacing {list(spec.fs_target_spacing)} mm; peak memory: {kind} growth during the pipeline\n"
     print(table)
     return table
 
@@ -523,7 +526,7 @@ def cka_study(
     (rows: layers of the ``a`` network, columns: layers of the ``b`` network; ``a == b`` is the
     within-network matrix) and a heatmap ``cka_<a>mm_<b>mm.png``.
 
-        python -m custom_networks.experiments cka_study bundles/brats_mri_tumour_segmentation case_t1ce.nii.gz
+        python -m custom_networks.research.experiments cka_study bundles/brats_mri_tumour_segmentation case_t1ce.nii.gz
     """
     import json
 
@@ -549,7 +552,7 @@ def cka_study(
     acts = {}
     for s in values:
         # the inference pipeline's steps (z-score at native resolution, resample), then the region
-        d = Compose(pipeline.spacing_steps(spec.zscore_nonzero, "target", s))({"image": loaded})
+        d = Compose(chain.spacing_steps(spec.zscore_nonzero, "target", s))({"image": loaded})
         size = [max(divisor, int(round(r / s / divisor)) * divisor) for r in region_mm]
         d = CenterSpatialCropd("image", size)(d)
         if list(d["image"].shape[1:]) != size:
@@ -591,7 +594,7 @@ def miniature(
 ) -> dict:
     """The paper's experiment in miniature, on generated data, in about 10 minutes on a CPU.
 
-    The size task (:mod:`custom_networks.synthetic`): balls of radius 5 mm are foreground, balls of
+    The size task (:mod:`custom_networks.data.synthetic`): balls of radius 5 mm are foreground, balls of
     2.5 mm background, so the right answer depends on size in millimetres, not in voxels. Trains
     HyperSpace, AS and FS (fixed spacing 1.5 mm, patches first acquired at a random spacing) for
     ``iterations`` steps each on volumes at random spacings in U(1, 2.5) mm, derives FSNR and the
@@ -599,7 +602,7 @@ def miniature(
     coarser ``[2.5,4]^3`` (``n`` seeded draws each), ``points`` spacings from 1 to 4 mm, and
     native spacing.
 
-        python -m custom_networks.experiments miniature --output_dir miniature
+        python -m custom_networks.research.experiments miniature --output_dir miniature
 
     Writes ``sweep.csv``, ``table2.md`` and ``figure2_segment0.png`` to ``output_dir``.
     """
@@ -607,9 +610,9 @@ def miniature(
     from monai.utils import set_determinism
 
     from .demo import DEMO_LAYOUT, train_on_volumes
-    from .hyperspace import HyperUNet
-    from .synthetic import write_size_task_dataset
-    from .unet import PlainUNet
+    from ..nets.hyperspace import HyperUNet
+    from ..data.synthetic import write_size_task_dataset
+    from ..nets.unet import PlainUNet
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     trained = SpacingRange((1.0,) * 3, (2.5,) * 3)
@@ -623,21 +626,21 @@ def miniature(
     test_items = write_size_task_dataset(os.path.join(output_dir, "data", "test"), test_spacings, seed=seed + 1)
     layout = {k: v for k, v in DEMO_LAYOUT.items()}
     networks = {}
-    for family, net, output_spacing in (
+    for family, net, target_spacing in (
         ("hs", HyperUNet(**layout), None),
         ("as", PlainUNet(**layout), None),
         ("fs", PlainUNet(**layout), fixed),
     ):
         set_determinism(seed)
-        print(f"training {family} for {iterations} iterations", flush=True)
+        logger.info(f"training {family} for {iterations} iterations")
         networks[family] = train_on_volumes(net, train_items, trained, iterations, batch_size=4, patch=patch,
-                                            output_spacing=output_spacing, device=device)
+                                            target_spacing=target_spacing, device=device)
         torch.save(networks[family].state_dict(), os.path.join(output_dir, f"model_{family}.pt"))
     methods = [
         Method("hs", networks["hs"]),
         Method("hs_clamp", networks["hs"], trained_range=trained),
         Method("as", networks["as"]),
-        Method("fs", networks["fs"], fixed_spacing=fixed),
+        Method("fs", networks["fs"], target_spacing=fixed),
         Method("fsnr", networks["fs"]),
     ]
     spacings: list = [(iv, s) for iv in ("[1,2.5]^3", "[2.5,4]^3") for s in sample_spacings(iv, n, seed)]
@@ -665,6 +668,7 @@ if __name__ == "__main__":
 
     import fire
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         fire.Fire({"sweep": sweep, "table": table2, "cost_table": cost_table, "cka_study": cka_study, "miniature": miniature})
     except (ValueError, FileNotFoundError) as e:

@@ -1,7 +1,7 @@
 """Spacing transforms MONAI lacks: the paper's random-spacing patch sampler, the invertible
 inference resampling that follows a spacing policy, and the fused way back to native labels.
 
-All three resample through :mod:`custom_networks.resample` (anti-aliasing and linear interpolation
+All three resample through :mod:`custom_networks.pipeline.resample` (anti-aliasing and linear interpolation
 as one small matrix per axis). None of them keeps per-image state on the instance: one instance
 is safe to share between the threads of a ``CacheDataset`` and the processes of a ``DataLoader``.
 Every decision (the working spacing, a budget's choice) travels in the data dict and in the
@@ -30,7 +30,7 @@ from monai.transforms import Compose, InvertibleTransform, MapTransform, Randomi
 from monai.utils import TraceKeys, ensure_tuple_rep
 
 from .resample import antialias_sigma, labels_to_native, resample_axes, resample_to_native, working_grid
-from .spacing import SpacingRange, parse_spacing, working_spacing
+from ..spacing import SpacingRange, parse_spacing, working_spacing
 
 __all__ = ["NativeLabelsd", "RandSpacingPatchd", "SpacingPolicyd", "antialias_sigma", "image_spacing", "zscore_stats"]
 
@@ -104,10 +104,10 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         samples_per_spacing: draw a new spacing every this many samples. Set it to the batch size
             (with ``drop_last=True``) for one spacing per batch, hence one generated weight set and
             one batched convolution per step: a DataLoader worker assembles whole batches.
-        output_spacing: for the FS baseline: the patch is first acquired at the drawn spacing (as
+        target_spacing: for the FS baseline: the patch is first acquired at the drawn spacing (as
             above, on a grid slightly larger than the patch) and then resampled to this fixed
             spacing (mm), so a fixed-spacing model learns the blur of coarse acquisitions. The
-            ``spacing_key`` entry then holds ``output_spacing``.
+            ``spacing_key`` entry then holds ``target_spacing``.
     """
 
     def __init__(
@@ -122,13 +122,13 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         nonzero: bool = False,
         spacing_key: str = "spacing",
         samples_per_spacing: int = 1,
-        output_spacing: Sequence[float] | None = None,
+        target_spacing: Sequence[float] | None = None,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.spacing_range = SpacingRange.from_config(spacing_range)
-        self.output_spacing = (
-            parse_spacing(output_spacing, self.spacing_range.spatial_dims, "output_spacing") if output_spacing is not None else None
+        self.target_spacing = (
+            parse_spacing(target_spacing, self.spacing_range.spatial_dims, "target_spacing") if target_spacing is not None else None
         )
         if int(samples_per_spacing) < 1:
             raise ValueError(f"samples_per_spacing must be >= 1, got {samples_per_spacing}.")
@@ -210,7 +210,7 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         with self._lock:
             target, u = self.randomize()
         label = d.get(self.label_key) if self.label_key else None
-        patch_spacing = self.output_spacing or target
+        patch_spacing = self.target_spacing or target
         center = self._center(shape, source, patch_spacing, label, u)
 
         factor = np.asarray(patch_spacing) / np.asarray(source)
@@ -225,7 +225,7 @@ class RandSpacingPatchd(Randomizable, MapTransform):
         valid = inside[0]
         for m in inside[1:]:
             valid = valid[..., None] & m
-        if self.output_spacing:
+        if self.target_spacing:
             # FS training: simulate an acquisition at the drawn spacing on a grid one voxel wider
             # than the patch, then resample that to the fixed output spacing
             step = np.asarray(target) / np.asarray(source)
@@ -242,7 +242,7 @@ class RandSpacingPatchd(Randomizable, MapTransform):
                 # the inference normalisation: NormalizeIntensityd at native resolution, before
                 # resampling (bundles run it in the cached part of the chain and pass normalize=False)
                 src = _zscore(src, self.nonzero)
-            if self.output_spacing:
+            if self.target_spacing:
                 acquired = resample_axes(src.float() if mode == "bilinear" else src, coarse, antialias_sigma(source, target), mode)
                 out = resample_axes(acquired, fine, antialias_sigma(target, patch_spacing), mode)
             else:
@@ -278,7 +278,7 @@ class SpacingPolicyd(MapTransform, InvertibleTransform):
     (``target_spacing``), or ``"clamp"`` (axes outside ``trained_range`` moved to its nearest
     edge). Axes that are downsampled are first smoothed with a Gaussian (:func:`antialias_sigma`),
     as in training. The grid is MONAI ``Spacing``'s (same directions and first voxel, the new
-    spacing), the resampling :func:`~custom_networks.resample.resample_axes` (border padding).
+    spacing), the resampling :func:`~custom_networks.pipeline.resample.resample_axes` (border padding).
     The operation is recorded in each image's applied operations, so MONAI's ``Invertd`` (linear,
     or nearest for ``nearest_interp``) and :class:`NativeLabelsd` (fused, to labels) map a
     prediction back to the input's native geometry exactly (shape and affine).
@@ -286,7 +286,7 @@ class SpacingPolicyd(MapTransform, InvertibleTransform):
     Stored in the data dict: the working spacing under ``spacing_key`` as a ``(D,)`` float32
     tensor, and what decided it under ``decision_key``: ``{"policy", "native_spacing",
     "spacing"}``, plus the policy's own account for a policy object with a ``decide`` method (e.g.
-    :class:`~custom_networks.cost.BudgetSpacing`, which is handed the seconds already spent on the
+    :class:`~custom_networks.pipeline.cost.BudgetSpacing`, which is handed the seconds already spent on the
     request when the data dict holds a ``time.perf_counter()`` start under ``start_key``).
 
     Z-score images before this transform (``NormalizeIntensityd``, at native resolution): the same
@@ -414,7 +414,7 @@ class NativeLabelsd(MapTransform):
 
     Equals ``Activationsd(softmax=True)`` + ``Invertd(nearest_interp=False)`` + ``AsDiscreted(
     argmax=True)`` over the preprocessing ``transform`` (tested), but never holds the class
-    probabilities on the native grid: :func:`~custom_networks.resample.labels_to_native`
+    probabilities on the native grid: :func:`~custom_networks.pipeline.resample.labels_to_native`
     interpolates only near label boundaries. The transforms before the :class:`SpacingPolicyd`
     step (e.g. ``Orientationd``) are then inverted on the label with MONAI's own inverses.
 

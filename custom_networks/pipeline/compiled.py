@@ -1,7 +1,7 @@
 """Fast inference for generated UNets: weights once per spacing, a compiled forward, shape buckets.
 
-:class:`UNetEngine` wraps a :class:`~custom_networks.hyperspace.HyperUNet` (or a
-:class:`~custom_networks.unet.PlainUNet` baseline) for inference:
+:class:`UNetEngine` wraps a :class:`~custom_networks.nets.hyperspace.HyperUNet` (or a
+:class:`~custom_networks.nets.unet.PlainUNet` baseline) for inference:
 
 - the weights for a spacing are generated once and kept (the HyperUNet's own per-spacing cache);
   they are copied into one resident UNet only when the spacing changes, so the hypernetwork costs
@@ -12,9 +12,10 @@
   server that sees many image sizes compiles once per bucket, not once per size.
 
 Padding must not change the answer. A plain zero pad would: InstanceNorm statistics would include
-the padding and the convolutions at the border would see its activations. The bucketed forward
-therefore carries a mask of the real voxels per resolution level, takes the InstanceNorm
-statistics over the real voxels only and zeroes the padding after every block, which reproduces
+the padding and the convolutions at the border would see its activations. The bucketed call
+therefore hands the UNet's own forward a mask of the real voxels per resolution level
+(``PlainUNet.forward(x, masks=...)``): it takes the InstanceNorm statistics over the real voxels
+only and zeroes the padding after every block, which reproduces
 the unpadded forward exactly (up to float rounding); the padding is cropped off the output.
 
 Without CUDA (``compile="auto"``) or with ``compile=False`` the UNet runs its plain eager forward
@@ -34,11 +35,11 @@ import torch.nn.functional as F
 from monai.utils import str2bool
 from torch import nn
 
-from .hyperspace import HyperUNet
-from .spacing import as_spacing_tensor
-from .unet import PlainUNet
+from ..nets.hyperspace import HyperUNet
+from ..spacing import as_spacing_tensor
+from ..nets.unet import PlainUNet
 
-__all__ = ["UNetEngine", "bucket_shape", "compile_flag", "compile_network", "masked_unet_forward"]
+__all__ = ["UNetEngine", "bucket_shape", "compile_flag", "compile_network", "level_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,9 @@ def bucket_shape(shape: Sequence[int], bucket: int) -> tuple[int, ...]:
     return tuple(-(-int(s) // bucket) * bucket for s in shape)
 
 
-def _level_masks(valid: Sequence[int], padded: Sequence[int], levels: int, device) -> list[torch.Tensor]:
-    """``(1, 1, *padded_l)`` float masks of the real voxels at each resolution level.
+def level_masks(valid: Sequence[int], padded: Sequence[int], levels: int, device) -> list[torch.Tensor]:
+    """``(1, 1, *padded_l)`` float masks of the real voxels at each resolution level, the
+    ``masks`` argument of :meth:`PlainUNet.forward <custom_networks.nets.unet.PlainUNet.forward>`.
 
     A stride-2 convolution (kernel 3, padding 1) maps ``n`` voxels to ``ceil(n / 2)``, so level
     ``l`` holds ``ceil(n / 2**l)`` real voxels of ``padded / 2**l``.
@@ -64,45 +66,9 @@ def _level_masks(valid: Sequence[int], padded: Sequence[int], levels: int, devic
     return masks
 
 
-def _masked_block(block: nn.Sequential, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """conv -> ReLU -> InstanceNorm over the real voxels only -> padding zeroed."""
-    conv, _, norm = block
-    y = torch.relu(conv(x))
-    dtype = y.dtype
-    y = y.float()  # statistics in float32, as autocast runs InstanceNorm
-    dims = tuple(range(2, y.dim()))
-    count = mask.sum()
-    mean = (y * mask).sum(dims, keepdim=True) / count
-    var = (((y - mean) * mask) ** 2).sum(dims, keepdim=True) / count
-    y = (y - mean) * torch.rsqrt(var + norm.eps)
-    shape = (1, -1) + (1,) * len(dims)
-    return ((y * norm.weight.view(shape) + norm.bias.view(shape)) * mask).to(dtype)
-
-
-def masked_unet_forward(unet: PlainUNet, x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
-    """:class:`PlainUNet`'s forward on a zero-padded input, equal to the unpadded forward on the real voxels.
-
-    Args:
-        unet: the network (its ``down`` levels, ``up`` levels and ``head``).
-        x: ``(B, C, *padded)``, real voxels first on every axis, zeros after; ``padded`` a
-            multiple of the layout's divisor.
-        masks: :func:`_level_masks` for the real and the padded shape.
-
-    Returns:
-        ``(B, out_channels, *padded)`` logits; crop to the real shape.
-    """
-    skips = []
-    for level, blocks in enumerate(unet.down):
-        for block in blocks:
-            x = _masked_block(block, x, masks[level])
-        skips.append(x)
-    level = len(skips) - 2
-    for up in unet.up:
-        x = torch.cat([up.up(x) * masks[level], skips[level]], dim=1)
-        for block in up.convs:
-            x = _masked_block(block, x, masks[level])
-        level -= 1
-    return unet.head(x)
+def _padded_forward(unet: PlainUNet, x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    # the network's own forward, given the masks of the real voxels (compiled once per bucket)
+    return unet(x, None, masks)
 
 
 def compile_flag(value, allow_auto: bool = True) -> bool | str:
@@ -192,10 +158,10 @@ class UNetEngine(nn.Module):
             padded = bucket_shape(valid, self.bucket)
             if padded not in self._failed_buckets:
                 pad = [v for s, p in zip(reversed(valid), reversed(padded)) for v in (0, p - s)]
-                masks = _level_masks(valid, padded, self.layout.levels, x.device)
+                masks = level_masks(valid, padded, self.layout.levels, x.device)
                 try:
                     if self._compiled is None:
-                        self._compiled = torch.compile(masked_unet_forward, backend=self.backend, mode=self.mode, dynamic=False)
+                        self._compiled = torch.compile(_padded_forward, backend=self.backend, mode=self.mode, dynamic=False)
                     y = self._compiled(runner, F.pad(x, pad) if any(pad) else x, masks)
                     return y[(slice(None), slice(None), *[slice(0, v) for v in valid])]
                 # compilation errors come from many layers (dynamo, inductor, the C++ or Triton
@@ -218,7 +184,7 @@ class UNetEngine(nn.Module):
             self._runner = PlainUNet(layout=self.layout).to(device).eval()
             self._loaded = None
         # the HyperUNet's cache: generated once per spacing, regenerated after a weight change
-        params = self.network._params_for(spacing[None])[0]
+        params = self.network.params_for(spacing[None])[0]
         if params is not self._loaded:
             for name, p in self._runner.named_parameters():
                 p.requires_grad_(False).copy_(params[name])

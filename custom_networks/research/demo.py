@@ -1,6 +1,6 @@
 """The built-in default job: train a small HyperSpace model on generated data, predict at two spacings.
 
-    python -m custom_networks.demo --output_dir demo_output --iterations 40
+    python -m custom_networks.research.demo --output_dir demo_output --iterations 40
 
 Writes ``data/`` (generated NIfTI volumes at several native spacings), ``model.pt`` (checkpoint),
 and ``predictions/native/`` and ``predictions/2mm/`` (labels on each input's own grid), and prints
@@ -27,11 +27,11 @@ from monai.networks.utils import one_hot
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged
 from monai.utils import set_determinism
 
-from .engine import PrepareBatchSpacing, PrepareBatchSpacingAffine, SpacingInferer
-from .hyperspace import HyperUNet
-from .inference import predict
-from .synthetic import write_size_task_dataset
-from .transforms import RandSpacingPatchd
+from ..pipeline.batching import PrepareBatchSpacing, PrepareBatchSpacingAffine, SpacingInferer
+from ..nets.hyperspace import HyperUNet
+from ..pipeline.inference import predict
+from ..data.synthetic import write_size_task_dataset
+from ..pipeline.transforms import RandSpacingPatchd
 
 TRAINED_RANGE = [[1.0, 2.5]] * 3  # mm per axis; the demo volumes' native spacings lie in it
 DEMO_LAYOUT = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32), convs_per_level=1)
@@ -55,7 +55,7 @@ def train_on_volumes(
     iterations: int,
     batch_size: int = 2,
     patch: int = 24,
-    output_spacing=None,
+    target_spacing=None,
     learning_rate: float = 3e-4,
     device: str | torch.device = "cpu",
     label_names: dict | None = None,
@@ -65,23 +65,23 @@ def train_on_volumes(
 
     MONAI's ``SupervisedTrainer`` with ``DiceCELoss`` and Adam; patches from
     :class:`RandSpacingPatchd` (one spacing per batch, drawn from ``spacing_range``; with
-    ``output_spacing`` the FS baseline's "random spacing, then back to the fixed one"). A
+    ``target_spacing`` the FS baseline's "random spacing, then back to the fixed one"). A
     :class:`PlainUNet` ignores the spacing (the AS and FS baselines).
 
     With ``label_names`` (``{name: class index}``, background first) the network is click-guided
     (``in_channels`` = 1 + number of labels): DeepEdit's simulated clicks, first on the label and
     then on the current prediction's errors through MONAI's ``Interaction`` handler, with
-    Gaussians of ``sigma_mm`` (see :mod:`custom_networks.interactive`).
+    Gaussians of ``sigma_mm`` (see :mod:`custom_networks.pipeline.interactive`).
 
     Args:
         items: ``[{"image": path, "label": path}, ...]``, labels holding class indices.
     """
-    from .interactive import InitialClickGuidanced, interaction
+    from ..pipeline.interactive import InitialClickGuidanced, interaction
 
     load = Compose([LoadImaged(keys=["image", "label"]), EnsureChannelFirstd(keys=["image", "label"]), EnsureTyped(keys="image")])
     augment = [RandSpacingPatchd(
         keys=["image", "label"], spacing_range=spacing_range, patch_size=(patch,) * 3, pos_fraction=0.7,
-        samples_per_spacing=batch_size, output_spacing=output_spacing,
+        samples_per_spacing=batch_size, target_spacing=target_spacing,
     )]
     # how the engine hands the spacing to the network; DeepEdit's click loop needs its own pair
     engine_parts: dict = {"prepare_batch": PrepareBatchSpacing()}

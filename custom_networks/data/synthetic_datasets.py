@@ -19,7 +19,7 @@ header conventions, at a size a CPU handles in seconds:
 Every structure has its own intensity plus Gaussian noise, so a small network can learn the task.
 Anatomy is drawn in a canonical RAS voxel frame; case ``i`` has the spacing ``SPACINGS[name][i %
 5]`` (mm, RAS tensor order: the order after ``DatasetSpec.load_transforms``, see
-:mod:`custom_networks.datasets`); the seed draws the anatomy and the noise.
+:mod:`custom_networks.data.datasets`); the seed draws the anatomy and the noise.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The one place for per-dataset decisions: classes, label maps, spacing ranges, patch sizes, widths,
 file layouts; and the label / header checks that MONAI's loading transforms lack.
 
-Axis convention: every per-axis value here (``spacing_range``, ``fs_spacing``, ``patch_size``,
+Axis convention: every per-axis value here (``spacing_range``, ``fs_target_spacing``, ``patch_size``,
 ``evaluation_ranges``) is in the order of the tensor's spatial axes after
 ``LoadImaged -> EnsureChannelFirstd -> Orientationd(axcodes=spec.axcodes)`` (see
 :meth:`DatasetSpec.load_transforms`), i.e. the order of ``MetaTensor.pixdim``. All specs use
@@ -39,7 +39,7 @@ from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.transforms import EnsureChannelFirstd, LoadImaged, MapTransform, Orientationd
 
-from .spacing import PHYSICAL_SPACING_MM, SpacingRange
+from ..spacing import PHYSICAL_SPACING_MM, SpacingRange
 
 __all__ = ["DATASETS", "MIN_SIZE", "CheckImaged", "DatasetSpec", "MapLabelsd", "check_image", "format_values", "get_dataset"]
 
@@ -83,7 +83,7 @@ class DatasetSpec:
         label_map: raw label value in the files -> class index. A value missing here is an error
             (see :class:`MapLabelsd`), not silently background.
         spacing_range: the training spacing range (mm), sampled uniformly per axis.
-        fs_spacing: the fixed spacing (mm) of the FS / FSNR baselines.
+        fs_target_spacing: the fixed spacing (mm) of the FS / FSNR baselines.
         patch_size: training patch (voxels).
         channels: UNet feature channels per level (``len - 1`` downsamplings).
         hidden_features: widths of the hypernetwork's spacing MLP.
@@ -105,7 +105,7 @@ class DatasetSpec:
     classes: tuple[str, ...]
     label_map: Mapping[int, int]
     spacing_range: SpacingRange
-    fs_spacing: tuple[float, ...]
+    fs_target_spacing: tuple[float, ...]
     patch_size: tuple[int, ...]
     channels: tuple[int, ...]
     hidden_features: tuple[int, ...]
@@ -127,8 +127,8 @@ class DatasetSpec:
         bad = {k: v for k, v in self.label_map.items() if not 0 <= v < len(self.classes)}
         if bad:
             raise ValueError(f"{self.name}: label_map targets {bad} are not class indices 0..{len(self.classes) - 1}.")
-        if len(self.fs_spacing) != dims or not self.spacing_range.contains(self.fs_spacing):
-            raise ValueError(f"{self.name}: fs_spacing {self.fs_spacing} must lie in the spacing range {self.spacing_range}.")
+        if len(self.fs_target_spacing) != dims or not self.spacing_range.contains(self.fs_target_spacing):
+            raise ValueError(f"{self.name}: fs_target_spacing {self.fs_target_spacing} must lie in the spacing range {self.spacing_range}.")
         if len(self.patch_size) != dims:
             raise ValueError(f"{self.name}: patch_size {self.patch_size} needs one entry per axis ({dims}).")
         if self.modality not in self.modalities:
@@ -364,7 +364,7 @@ _SPIDER_COMMON = dict(
     modality="t1",
     modalities=("t1", "t2", "t2_SPACE"),
     spacing_range=SpacingRange((1.0, 0.2, 0.2), (5.0, 1.5, 1.5)),
-    fs_spacing=(3.3, 0.6, 0.6),
+    fs_target_spacing=(3.3, 0.6, 0.6),
     patch_size=(48, 128, 256),
     channels=(16, 32, 64, 128, 256),
     hidden_features=(10, 10, 20),
@@ -390,7 +390,7 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
             # 1 necrosis and 4 enhancing tumour form the tumour core; 2 edema is not core
             label_map={0: 0, 1: 1, 2: 0, 4: 1},
             spacing_range=SpacingRange((1.0, 1.0, 1.0), (3.0, 3.0, 3.0)),
-            fs_spacing=(1.0, 1.0, 1.0),
+            fs_target_spacing=(1.0, 1.0, 1.0),
             patch_size=(128, 128, 128),
             channels=(16, 32, 64, 128),
             hidden_features=(10, 10, 50),
@@ -437,7 +437,7 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
             # 421 is a left-atrium label that a few MM-WHS files carry besides 420
             label_map={0: 0, 205: 1, 420: 2, 421: 2, 500: 3, 550: 4, 600: 5, 820: 6, 850: 7},
             spacing_range=SpacingRange((0.5, 0.5, 0.5), (3.5, 3.5, 3.5)),
-            fs_spacing=(0.9, 0.9, 1.2),
+            fs_target_spacing=(0.9, 0.9, 1.2),
             patch_size=(128, 128, 128),
             channels=(16, 32, 64, 128),
             hidden_features=(10, 10, 50),

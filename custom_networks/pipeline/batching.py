@@ -18,7 +18,7 @@ from monai.engines import PrepareBatchExtraInput
 from monai.inferers import Inferer, SlidingWindowInferer
 from monai.utils import ensure_tuple_rep
 
-from .spacing import as_spacing_tensor
+from ..spacing import as_spacing_tensor
 
 __all__ = ["PrepareBatchSpacing", "PrepareBatchSpacingAffine", "SpacingInferer", "SpacingSlidingWindowInferer", "batch_spacing"]
 
@@ -46,8 +46,8 @@ class PrepareBatchSpacing(PrepareBatchExtraInput):
     """``prepare_batch`` for MONAI engines that passes ``spacing=(B, D)`` (mm) to the network.
 
     The spacing comes from the batch's ``spacing_key`` (stored by
-    :class:`~custom_networks.transforms.RandSpacingPatchd` or
-    :class:`~custom_networks.transforms.SpacingPolicyd`) or, if absent, from the image affines.
+    :class:`~custom_networks.pipeline.transforms.RandSpacingPatchd` or
+    :class:`~custom_networks.pipeline.transforms.SpacingPolicyd`) or, if absent, from the image affines.
     Networks receive it as the keyword argument ``spacing``; :class:`PlainUNet` accepts and
     ignores it, so baselines use the same engines.
 
