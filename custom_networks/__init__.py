@@ -6,14 +6,15 @@ The package is layered; imports flow one way, downwards:
 - ``pipeline``  spacing: resampling, normalisation, the spacing-aware batching and inferers,
   the compiled engine, the inference chain, the cost model, click guidance
 - ``data``      data sets, data lists, generated data, atomic file writers
-- ``nets``      the networks: :class:`UNetLayout`, :class:`PlainUNet`, :class:`HyperUNet`
+- ``nets``      the networks: :class:`UNetLayout`, :class:`PlainUNet`, :class:`SDNUNet`, the
+  generic :class:`HyperNetwork` and :class:`HyperUNet`, and :func:`build_network` for bundles
 - ``spacing``   the vocabulary every layer shares: parsing and ranges of spacings (mm)
 
 The names below are the ones users import from ``custom_networks`` directly.
 """
 
 from .spacing import SPACING_POLICIES, SpacingRange, as_spacing_tensor, parse_spacing, working_spacing
-from .nets import HyperNetwork, HyperUNet, PlainUNet, UNetLayout
+from .nets import HyperNetwork, HyperUNet, PlainUNet, SDNUNet, UNetLayout, build_network
 from .data import DATASETS, CheckImaged, DatasetSpec, MapLabelsd, get_dataset
 from .pipeline import (
     NativeLabelsd,

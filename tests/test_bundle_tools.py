@@ -19,6 +19,7 @@ from monai.data import load_net_with_metadata
 from custom_networks import HyperUNet
 from custom_networks import bundle_tools
 from custom_networks.bundle_tools import export, pack, spacing_input_description, verify
+from custom_networks.nets.build import describe_network
 
 REPO = Path(__file__).resolve().parents[1]
 NETWORK = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=[4, 8], convs_per_level=1)
@@ -372,6 +373,41 @@ def test_generated_metadata_follows_datasets_py(name):
     assert pred["num_channels"] == spec.num_classes
     assert list(pred["channel_def"].values()) == [c.replace("_", " ") for c in spec.classes]
     assert meta["required_packages_version"]["nibabel"] == bundle_tools._pins()["nibabel"]
+    assert meta["network"] == {"primary_network": "unet", "hypernetwork": True, "description": describe_network("unet", True)}
+    baseline = bundle_tools.metadata(REPO / "bundles" / REPO_BUNDLES[name], overrides={"hypernetwork": False})
+    assert (baseline["network"]["primary_network"], baseline["network"]["hypernetwork"]) == ("unet", False)
+
+
+def test_pack_of_an_sdn_checkpoint_names_the_sdn_in_its_configs_and_metadata(tmp_path):
+    """Weights trained with ``--primary_network sdn_unet`` are packed with configs that build that
+    network, so the unzipped bundle loads them with its single-file commands."""
+    bundle = REPO / "bundles" / REPO_BUNDLES["brats"]
+    overrides = {"primary_network": "sdn_unet", "network_def#channels": [4, 8, 8]}
+    state = bundle_tools.bundle_parser(bundle, overrides=overrides).get_parsed_content("network_def").state_dict()
+    ckpt = tmp_path / "model.pt"
+    torch.save(state, ckpt)
+    # the channels are given, the primary network is read off the weights
+    archive = Path(pack(bundle, output=tmp_path / "b.zip", ckpt=ckpt, **{"network_def#channels": [4, 8, 8]}))
+    folder = REPO_BUNDLES["brats"]
+    with zipfile.ZipFile(archive) as z:
+        configs = {n: json.loads(z.read(f"{folder}/configs/{n}")) for n in ("train.json", "inference.json", "as.json")}
+        meta = json.loads(z.read(f"{folder}/configs/metadata.json"))
+        z.extractall(tmp_path / "unzipped")
+    assert configs["train.json"]["primary_network"] == configs["inference.json"]["primary_network"] == "sdn_unet"
+    assert "primary_network" not in configs["as.json"]  # the rest of each config as it was
+    assert configs["train.json"]["network_def"]["channels"] == [4, 8, 8]
+    assert configs["inference.json"]["hypernetwork"] is True
+    assert meta["network"]["primary_network"] == "sdn_unet" and "SDNUNet" in meta["network"]["description"]
+    unzipped = bundle_tools.bundle_parser(tmp_path / "unzipped" / folder)
+    unzipped.get_parsed_content("network_def").load_state_dict(state)  # the packed configs build the SDN U-Net
+    with pytest.raises(ValueError, match="network_def#chanels"):
+        pack(bundle, output=tmp_path / "c.zip", ckpt=ckpt, **{"network_def#chanels": [4, 8, 8]})
+    assert not (tmp_path / "c.zip").exists()
+    # a UNet checkpoint packs with the primary network unchanged
+    unet = bundle_tools.bundle_parser(bundle, overrides={"network_def#channels": [4, 8]}).get_parsed_content("network_def")
+    torch.save(unet.state_dict(), ckpt)
+    with zipfile.ZipFile(pack(bundle, output=tmp_path / "u.zip", ckpt=ckpt, **{"network_def#channels": [4, 8]})) as z:
+        assert json.loads(z.read(f"{folder}/configs/inference.json"))["primary_network"] == "unet"
 
 
 def test_bundle_folders_repeat_fewer_than_40_config_lines():

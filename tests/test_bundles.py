@@ -16,7 +16,8 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from custom_networks import HyperUNet
+from custom_networks import HyperUNet, build_network
+from custom_networks.nets.build import matches_state_dict
 from custom_networks.data.synthetic_datasets import write_synthetic_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,15 +33,22 @@ SMALL = {
     "mmwhs": ["--patch_size", "[32,32,32]", "--network_def#channels", "[8,16]"],
 }
 
+# the SDN U-Net's recurrence sits at 1/4 resolution and coarser: three levels at least
+SMALL_SDN = {
+    "brats": ["--primary_network", "sdn_unet", "--patch_size", "[32,32,32]", "--network_def#channels", "[4,8,8]"],
+    "spider": ["--primary_network", "sdn_unet", *SMALL["spider"]],
+    "mmwhs": ["--primary_network", "sdn_unet", "--patch_size", "[32,32,32]", "--network_def#channels", "[4,8,8]"],
+}
+
 
 def bundle_dir(name):
     return os.path.join(ROOT, "bundles", BUNDLES[name])
 
 
-def run_bundle(name, run_id, configs, *overrides, expect_ok=True):
+def run_bundle(name, run_id, configs, *overrides, expect_ok=True, small=None):
     files = [os.path.join(bundle_dir(name), "configs", c) for c in configs]
     config_file = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *SMALL[name], *overrides]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *(small or SMALL[name]), *overrides]
     # CPU-sized runs pinned to the CPU (device and amp follow torch.cuda.is_available() in the configs)
     result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=900)
     if expect_ok:
@@ -117,6 +125,32 @@ def test_interactive_training_and_inference_commands(tmp_path):
         shape, affine = _geometry(image)
         assert seg.shape == shape
         np.testing.assert_allclose(seg.affine, affine, atol=1e-4)
+
+
+def test_sdn_unet_trains_one_epoch_and_infers_in_the_input_geometry(trained, tmp_path):
+    """``--primary_network sdn_unet``: the hypernetwork generates an SDN U-Net's weights; the
+    checkpoint is that network's, and inference writes labels on each input's grid."""
+    name, data, _ = trained
+    root = str(tmp_path / "sdn")
+    run_bundle(name, "training", ["train.json"], "--dataset_dir", data, "--bundle_root", root, "--epochs", "1",
+               "--val_interval", "1", "--num_workers", "0", "--batch_size", "2", small=SMALL_SDN[name])
+    state = torch.load(os.path.join(root, "models", "model.pt"), map_location="cpu")
+    channels = [int(c) for c in SMALL_SDN[name][SMALL_SDN[name].index("--network_def#channels") + 1].strip("[]").split(",")]
+    layout = dict(in_channels=1, out_channels=len(_classes(name)), channels=channels)
+    with torch.device("meta"):
+        assert matches_state_dict(build_network("sdn_unet", **layout), state)
+        assert not matches_state_dict(build_network("unet", **layout), state)
+    out = str(tmp_path / "pred")
+    run_bundle(name, "inference", ["inference.json"], "--dataset_dir", data, "--bundle_root", root, "--output_dir", out,
+               "--spacing_policy", "target", "--target_spacing", "2,2,2", small=SMALL_SDN[name])
+    images = _images(name, data)
+    assert len(glob.glob(os.path.join(out, "*_seg.nii.gz"))) == len(images)
+    for image in images:
+        seg = nib.load(os.path.join(out, _stem(image) + "_seg.nii.gz"))
+        shape, affine = _geometry(image)
+        assert seg.shape == shape, image
+        np.testing.assert_allclose(seg.affine, affine, atol=1e-4, err_msg=image)
+        assert int(np.asarray(seg.dataobj).max()) < len(_classes(name))
 
 
 @pytest.mark.parametrize("trained", ["brats"], indirect=True)  # packing is the same for every bundle

@@ -492,3 +492,32 @@ def test_budget_with_auto_window_reports_the_window_it_planned_with():
     assert decision["window"] == "whole" and decision["spacing"] == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="window"):
         BudgetSpacing(cost, window="tiles")
+
+
+def test_window_time_grows_with_the_fitted_exponent_and_new_weights_cost_their_generation():
+    """A window of ``r`` times the calibrated voxels takes ``r ** voxel_exponent`` times as long;
+    'whole' is chosen only where that is faster than the patches; generation is added once."""
+    linear = InferenceCost((16, 16, 16), 0.5, 1, 2, 0.01, 0.0, 1e6, divisor=4)
+    steep = InferenceCost((16, 16, 16), 0.5, 1, 2, 0.01, 0.0, 1e6, divisor=4, voxel_exponent=1.5, generation_seconds=0.2)
+    ratio = 32**3 / 16**3  # 30 padded to 32 per axis
+    whole = steep.predict((1.0,) * 3, (30, 30, 30), (1.0,) * 3, window="whole")
+    assert whole["seconds"] == pytest.approx(0.2 + 0.01 * ratio**1.5)
+    patch = steep.predict((1.0,) * 3, (30, 30, 30), (1.0,) * 3, window="patch")
+    assert patch["seconds"] == pytest.approx(0.2 + 27 * 0.01)  # full windows: the exponent does not change them
+    # 30^3: whole 8^1.5 = 22.6 window-times < 27 patches; 60^3: 52.7 (linear) or 382 (steep) vs 343 patches
+    assert steep.choose_window((30, 30, 30), None) == "whole"
+    assert window_count((60, 60, 60), (16, 16, 16), 0.5) == 343
+    assert linear.choose_window((60, 60, 60), None) == "whole"
+    assert steep.choose_window((60, 60, 60), None) == "patch"
+
+
+def test_calibrate_fits_the_exponent_and_times_weight_generation():
+    from custom_networks import PlainUNet
+
+    torch.manual_seed(0)
+    layout = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8), convs_per_level=1)
+    hyper = InferenceCost.calibrate(HyperUNet(**layout).eval(), (32, 32, 32), 0.25, 1, 2, device="cpu")
+    plain = InferenceCost.calibrate(PlainUNet(**layout).eval(), (32, 32, 32), 0.25, 1, 2, device="cpu")
+    for cost in (hyper, plain):
+        assert 1.0 <= cost.voxel_exponent <= 1.5
+    assert hyper.generation_seconds > 0 and plain.generation_seconds == 0.0

@@ -377,6 +377,45 @@ def test_warmup_loads_a_trained_model_and_generates_its_weights_once(tmp_path):
         HyperSpaceConfig().init(MODEL, str(tmp_path), {"compile": "sometimes"}, None, bundle_path=os.path.join(ROOT, "bundles", MODEL))
 
 
+def test_an_sdn_checkpoint_is_served_and_fine_tuned_as_the_network_it_holds(tmp_path):
+    """A bundle trained with ``--primary_network sdn_unet``: its config still says ``unet``; the
+    infer task builds the SDN U-Net the checkpoint holds and segments on the image's own grid,
+    and the trainer fine-tunes that network."""
+    sys.path.insert(0, os.path.join(ROOT, "monailabel_app"))
+    try:
+        from lib.configs import HyperSpaceConfig
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    from custom_networks import SDNUNet
+
+    config = HyperSpaceConfig()
+    overrides = {**OVERRIDES, "network_def#channels": [4, 8, 8]}  # the SDN sits at 1/4 resolution: 3 levels
+    config.init(MODEL, str(tmp_path), {"compile": "false"}, None, bundle_path=os.path.join(ROOT, "bundles", MODEL), overrides=overrides)
+    assert config.checkpoint_overrides() == {}  # no checkpoint yet
+    torch.manual_seed(0)
+    sdn = config.build_network("cpu", primary_network="sdn_unet")
+    torch.save(sdn.state_dict(), config.path)
+    assert config.checkpoint_overrides() == {"primary_network": "sdn_unet"}  # what the trainer fine-tunes
+    task = config.infer()
+    studies, _ = write_brats_studies(str(tmp_path / "data"))
+    image = os.path.join(studies, "case0.nii.gz")
+    result, out = task({"image": image, "spacing_policy": "target", "target_spacing": "2", **SLICER})
+    engine = task._networks["cpu"][0]
+    assert type(engine.network.primary) is SDNUNet
+    label = _assert_same_geometry(result, image)
+    np.testing.assert_allclose(out["working_spacing_mm"], (2.0, 2.0, 2.0))
+    torch.testing.assert_close(engine.network.state_dict(), sdn.state_dict())  # the saved weights, loaded strictly
+    assert label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1}
+    unet = config.build_network("cpu")
+    torch.save(unet.state_dict(), config.path + ".tmp")
+    os.replace(config.path + ".tmp", config.path)
+    assert config.checkpoint_overrides() == {}
+    task({"image": image, "spacing_policy": "target", "target_spacing": "2", **SLICER})
+    assert type(task._networks["cpu"][0].network).__name__ == "HyperUNet"  # reloaded as the UNet it now holds
+
+
 def test_a_corrupt_checkpoint_is_named_and_the_previous_model_keeps_serving(server, trained):
     client, studies = server["client"], server["studies"]
     checkpoint = os.path.join(server["model_dir"], f"{MODEL}.pt")

@@ -7,7 +7,7 @@ for the FS / FSNR / AS baselines); everything else (channels, classes) is the da
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -17,7 +17,7 @@ from .hyperspace import HyperUNet
 from .sdn import SDNUNet
 from .unet import PlainUNet
 
-__all__ = ["PRIMARY_NETWORKS", "build_network", "describe_network", "matches_state_dict"]
+__all__ = ["PRIMARY_NETWORKS", "build_network", "describe_network", "matches_state_dict", "primary_network_of"]
 
 # name -> primary network class; both take the UNetLayout fields (and the SDN its own options)
 PRIMARY_NETWORKS: dict[str, type[nn.Module]] = {"unet": PlainUNet, "sdn_unet": SDNUNet}
@@ -80,3 +80,20 @@ def matches_state_dict(network: nn.Module, state_dict: Mapping[str, torch.Tensor
     """Whether ``state_dict`` has exactly ``network``'s keys and shapes (it loads without error)."""
     own = network.state_dict()
     return set(own) == set(state_dict) and all(tuple(own[k].shape) == tuple(state_dict[k].shape) for k in own)
+
+
+def primary_network_of(state_dict: Mapping[str, torch.Tensor], build: Callable[[str], nn.Module]) -> str | None:
+    """The key of :data:`PRIMARY_NETWORKS` whose network ``build(key)`` has ``state_dict``'s keys
+    and shapes, or None. ``build`` is called on the meta device (the structure only: no memory,
+    no initialisation cost); it is e.g. a bundle config with ``primary_network`` overridden.
+
+    A bundle trained with ``--primary_network sdn_unet`` leaves a checkpoint of that network while
+    its config still says ``unet``: the app and :func:`~custom_networks.bundle_tools.pack` read
+    the choice off the checkpoint with this.
+    """
+    for key in PRIMARY_NETWORKS:
+        with torch.device("meta"):
+            network = build(key)
+        if matches_state_dict(network, state_dict):
+            return key
+    return None

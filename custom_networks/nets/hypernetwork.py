@@ -166,7 +166,10 @@ class HyperNetwork(nn.Module):
         # spacing-dependent part of comparable size, so the generated network trains like itself.
         head = nn.Linear(features, sum(t.numel() for t in init))
         target = torch.cat([t.detach().reshape(-1) for t in init]) / self.output_scale
-        spread = 0.1 if isinstance(module, _NORMS) else float(init[0].detach().float().std().nan_to_num(0.1))
+        if isinstance(module, _NORMS) or head.weight.is_meta:  # on the meta device: the structure only
+            spread = 0.1
+        else:
+            spread = float(init[0].detach().float().std().nan_to_num(0.1))
         with torch.no_grad():
             head.bias.copy_(torch.atanh(target.clamp(-0.99, 0.99)))
             head.weight.normal_(0.0, spread / (self.output_scale * features**0.5))

@@ -86,8 +86,11 @@ class InferenceCost:
     Two ways to cover the working grid: ``"patch"`` slides windows of ``roi_size`` (shrunk on axes
     where the image is smaller, as :class:`~custom_networks.pipeline.batching.SpacingSlidingWindowInferer`
     does), ``"whole"`` runs one window over the whole grid (padded to ``divisor``). A window of
-    ``v`` voxels is predicted to take ``seconds_per_window * v / prod(roi_size)`` and to add
-    ``window_bytes * v / prod(roi_size)`` of memory. On top of the windows: ``native_voxels *
+    ``v`` voxels is predicted to take ``seconds_per_window * (v / prod(roi_size)) ** voxel_exponent``
+    (a forward is not linear in the voxels: on a CPU a window several times the calibrated size
+    leaves the caches and costs more per voxel, which the exponent fitted between two probe sizes
+    carries over) and to add ``window_bytes * v / prod(roi_size)`` of memory; a spacing whose
+    weights are not generated yet adds ``generation_seconds``. On top of the windows: ``native_voxels *
     seconds_per_voxel`` for the steps after the decision that touch the native grid (anti-aliased
     resampling, the fused way back to labels, writing them; measured with the pipeline's own
     functions), and ``4 * working_voxels * (in_channels + out_channels + 1)`` bytes for the float32
@@ -105,6 +108,8 @@ class InferenceCost:
             resident set size on the CPU).
         device: where the constants were measured, e.g. ``"cpu"`` or ``"cuda:0"``.
         divisor: the network's size divisor (``UNetLayout.divisor``).
+        voxel_exponent: how the window time grows with its voxel count (1: linearly).
+        generation_seconds: generating one spacing's weights (0 for a plain network).
     """
 
     roi_size: tuple[int, ...]
@@ -116,6 +121,8 @@ class InferenceCost:
     window_bytes: float
     device: str = "cpu"
     divisor: int = 1
+    voxel_exponent: float = 1.0
+    generation_seconds: float = 0.0
 
     def _padded(self, shape: Sequence[int]) -> tuple[int, ...]:
         return tuple(-(-int(s) // self.divisor) * self.divisor for s in shape)
@@ -138,18 +145,23 @@ class InferenceCost:
         win = self.window_shape(shape, window)
         windows = 1 if window == "whole" else window_count(shape, self.roi_size, self.overlap)
         scale = float(np.prod(win)) / float(np.prod(self.roi_size))
-        seconds = float(elapsed_s) + windows * self.seconds_per_window * scale + float(np.prod(native_shape)) * self.seconds_per_voxel
+        seconds = (float(elapsed_s) + self.generation_seconds + windows * self.seconds_per_window * scale**self.voxel_exponent
+                   + float(np.prod(native_shape)) * self.seconds_per_voxel)
         memory = self.window_bytes * scale + 4.0 * float(np.prod(shape)) * (self.in_channels + self.out_channels + 1)
         return {"seconds": seconds, "memory_bytes": memory, "windows": windows, "shape": shape, "window": window}
 
     def choose_window(self, shape: Sequence[int], memory_budget_bytes: float | None) -> str:
-        """``"whole"`` when one window over the whole grid fits the budget (fewer voxels computed
-        than with overlapping patches), else ``"patch"``; ``None`` or ``<= 0``: no limit."""
+        """``"whole"`` when one window over the whole grid fits the budget and is predicted to be
+        faster than the overlapping patches, else ``"patch"``; ``None`` or ``<= 0``: no limit."""
         padded = self._padded(shape)
         if padded == self.window_shape(shape):
             return "patch"  # one patch already covers the image: the same computation
-        whole_bytes = self.window_bytes * float(np.prod(padded)) / float(np.prod(self.roi_size))
-        return "whole" if not memory_budget_bytes or memory_budget_bytes <= 0 or whole_bytes <= memory_budget_bytes else "patch"
+        scale = float(np.prod(padded)) / float(np.prod(self.roi_size))
+        if memory_budget_bytes and memory_budget_bytes > 0 and self.window_bytes * scale > memory_budget_bytes:
+            return "patch"
+        patch_scale = float(np.prod(self.window_shape(shape))) / float(np.prod(self.roi_size))
+        patches = window_count(shape, self.roi_size, self.overlap) * patch_scale**self.voxel_exponent
+        return "whole" if scale**self.voxel_exponent <= patches else "patch"
 
     @classmethod
     def calibrate(
@@ -163,27 +175,45 @@ class InferenceCost:
         device: str | torch.device = "cpu",
         divisor: int | None = None,
     ) -> "InferenceCost":
-        """Measure the constants on this machine: a window forward and the native-grid steps.
+        """Measure the constants on this machine: window forwards and the native-grid steps.
 
         ``network(x, spacing)`` runs on zeros of half the window size per axis (rounded up to the
-        divisor): once to generate and cache the weights, then the fastest of two timed calls; time
-        and memory are scaled to ``roi_size`` by the voxel count. The divisor is read from
+        divisor) and of the whole window: once to generate and cache the weights, then the
+        fastest of two timed calls each. The time of a ``roi_size`` window and the exponent of
+        its growth with the voxel count are read off the two sizes; the memory is scaled from the
+        larger one. Generating weights (a :class:`~custom_networks.nets.hypernetwork.HyperNetwork`'s
+        ``generate_params``) is timed for a new spacing. The divisor is read from
         ``network.layout`` when not given.
         """
         device = torch.device(device)
         roi_size = tuple(int(r) for r in roi_size)
         divisor = int(divisor or getattr(getattr(network, "layout", None), "divisor", 1) or 1)
-        probe = tuple(max(divisor, -(-(r // 2) // divisor) * divisor) for r in roi_size)
-        x = torch.zeros((1, in_channels, *probe), device=device)
+        half = tuple(max(divisor, -(-(r // 2) // divisor) * divisor) for r in roi_size)
+        full = tuple(max(divisor, -(-r // divisor) * divisor) for r in roi_size)
         s = torch.tensor([list(spacing)], dtype=torch.float32, device=device)
+        timed = []
         with torch.no_grad():
-            # the fastest of two calls after one that generates and caches the weights
-            window_seconds, window_bytes = best_of(lambda: network(x, s), device, repeats=2)
-        scale = float(np.prod(roi_size)) / float(np.prod(probe))
+            for probe in (half, full) if full != half else (half,):
+                x = torch.zeros((1, in_channels, *probe), device=device)
+                # the fastest of two calls after one that generates and caches the weights
+                seconds, nbytes = best_of(lambda: network(x, s), device, repeats=2)
+                timed.append((float(np.prod(probe)), seconds, nbytes))
+        exponent = 1.0
+        if len(timed) == 2 and timed[0][1] > 0 and timed[1][1] > 0:
+            # clamped: timer noise on small probes must not turn into a sub-linear or explosive model
+            exponent = min(1.5, max(1.0, math.log(timed[1][1] / timed[0][1]) / math.log(timed[1][0] / timed[0][0])))
+        voxels, seconds, nbytes = timed[-1]
+        scale = float(np.prod(roi_size)) / voxels
+        generation = 0.0
+        inner = getattr(network, "network", network)  # a UNetEngine around the network
+        if hasattr(inner, "generate_params"):
+            new = s + 0.0123  # a spacing not in the cache
+            with torch.no_grad():
+                generation = best_of(lambda: inner.generate_params(new), device, repeats=2)[0]
         seconds_per_voxel = _calibrate_native_steps(in_channels, out_channels)
         return cls(
-            roi_size, float(overlap), int(in_channels), int(out_channels), window_seconds * scale, seconds_per_voxel,
-            float(max(window_bytes, 1)) * scale, str(device), divisor,
+            roi_size, float(overlap), int(in_channels), int(out_channels), seconds * scale**exponent, seconds_per_voxel,
+            float(max(nbytes, 1)) * scale, str(device), divisor, exponent, generation,
         )
 
 

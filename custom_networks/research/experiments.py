@@ -184,13 +184,13 @@ def segment(method: Method, image: torch.Tensor, inferer: SpacingSlidingWindowIn
         are generated afresh (the cache is cleared first), so their cost is included.
     """
     policy = method.spacing_policy()
-    chain = Compose(chain.spacing_steps(nonzero, policy["policy"], policy.get("target_spacing"), policy.get("trained_range")))
-    back = NativeLabelsd("pred", transform=chain, orig_keys="image")
+    steps = Compose(chain.spacing_steps(nonzero, policy["policy"], policy.get("target_spacing"), policy.get("trained_range")))
+    back = NativeLabelsd("pred", transform=steps, orig_keys="image")
     network = method.network.to(device).eval()
     if hasattr(network, "clear_cache"):
         network.clear_cache()
     with measure(device) as m:
-        d = chain({"image": image})
+        d = steps({"image": image})
         d["pred"] = chain.run_network(network, inferer, d, device, amp=False)
         pred = back(d)["pred"]
     return pred, m, list(d["image"].shape[1:])

@@ -17,7 +17,7 @@ import torch
 from monai.bundle import ConfigParser
 from monailabel.interfaces.config import TaskConfig
 
-from custom_networks.nets.build import PRIMARY_NETWORKS, matches_state_dict
+from custom_networks.nets.build import primary_network_of
 from custom_networks.pipeline.compiled import compile_flag
 
 from ..infers import HyperSpaceInteractive, HyperSpaceSegmentation
@@ -129,12 +129,10 @@ class HyperSpaceConfig(TaskConfig):
         primary network the checkpoint holds. ``{}`` when the configured network matches, and
         also when none does (loading then fails with the mismatch named).
         """
-        for overrides in [{}] + [{"primary_network": p} for p in PRIMARY_NETWORKS]:
-            with torch.device("meta"):  # the structure only: no memory, no initialisation cost
-                network = self.parser("inference.json", **overrides).get_parsed_content("network_def")
-            if matches_state_dict(network, state):
-                return overrides
-        return {}
+        configured = self.parser("inference.json").get("primary_network")
+        build = lambda key: self.parser("inference.json", primary_network=key).get_parsed_content("network_def")  # noqa: E731
+        found = primary_network_of(state, build)
+        return {"primary_network": found} if found is not None and found != configured else {}
 
     def checkpoint_overrides(self) -> dict:
         """:meth:`network_overrides` of the checkpoint at :attr:`path` (``{}`` without one)."""
