@@ -21,6 +21,15 @@ def test_bench_network_prints_forward_and_training_tables():
     assert re.search(r"UNet parameters: 3\.3\d M; hypernetwork parameters: 169\.\d M", out), out
 
 
+def test_bench_primary_prints_a_row_per_network():
+    out = _run("benchmarks/bench_primary.py", "--device", "cpu", "--patches", "[16]", "--repeats", "1", "--channels", "[4,8,8]")
+    for primary in ("unet", "sdn_unet"):
+        for hyper in ("no", "yes"):
+            assert re.search(rf"\| {primary} \| {hyper} \| [\d.]+ M \| [\d.]+ s \| -?[\d.]+ GiB \|", out), out
+        assert re.search(rf"hypernetwork / plain time, {primary}: 16\^3 [\d.]+", out), out
+    assert re.search(r"sdn_unet / unet time \(plain\): 16\^3 [\d.]+", out), out
+
+
 def test_bench_augmentation_prints_per_sample_cost():
     out = _run("benchmarks/bench_augmentation.py", "--samples", "1", "--patch", "32")
     assert re.search(r"RandSpacingPatchd: \d+ ms per sample", out), out

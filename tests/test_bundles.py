@@ -136,7 +136,9 @@ def test_sdn_unet_trains_one_epoch_and_infers_in_the_input_geometry(trained, tmp
                "--val_interval", "1", "--num_workers", "0", "--batch_size", "2", small=SMALL_SDN[name])
     state = torch.load(os.path.join(root, "models", "model.pt"), map_location="cpu")
     channels = [int(c) for c in SMALL_SDN[name][SMALL_SDN[name].index("--network_def#channels") + 1].strip("[]").split(",")]
-    layout = dict(in_channels=1, out_channels=len(_classes(name)), channels=channels)
+    from custom_networks import get_dataset
+
+    layout = dict(in_channels=1, out_channels=len(_classes(name)), channels=channels, hidden_features=get_dataset(name).hidden_features)
     with torch.device("meta"):
         assert matches_state_dict(build_network("sdn_unet", **layout), state)
         assert not matches_state_dict(build_network("unet", **layout), state)
