@@ -16,7 +16,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from custom_networks import HyperUNet, build_network
+from custom_networks import HyperUNet, build_network, get_dataset
 from custom_networks.nets.build import matches_state_dict
 from custom_networks.data.synthetic_datasets import write_synthetic_dataset
 
@@ -136,8 +136,6 @@ def test_sdn_unet_trains_one_epoch_and_infers_in_the_input_geometry(trained, tmp
                "--val_interval", "1", "--num_workers", "0", "--batch_size", "2", small=SMALL_SDN[name])
     state = torch.load(os.path.join(root, "models", "model.pt"), map_location="cpu")
     channels = [int(c) for c in SMALL_SDN[name][SMALL_SDN[name].index("--network_def#channels") + 1].strip("[]").split(",")]
-    from custom_networks import get_dataset
-
     layout = dict(in_channels=1, out_channels=len(_classes(name)), channels=channels, hidden_features=get_dataset(name).hidden_features)
     with torch.device("meta"):
         assert matches_state_dict(build_network("sdn_unet", **layout), state)
@@ -327,8 +325,6 @@ def _stem(path):
 
 
 def _classes(name):
-    from custom_networks import get_dataset
-
     return get_dataset(name).classes
 
 
