@@ -500,7 +500,7 @@ def main(device: str = "auto", repeats: int = 1, scale: float = 1.0, output_dir:
             cost = InferenceCost.calibrate(engine, roi_size=(128, 128, 128), overlap=0.5, in_channels=1, out_channels=spec.num_classes,
                                            spacing=(1.5, 1.5, 1.5), device=device)
             out(f"calibrated on {cost.device}: {cost.seconds_per_window:.2f} s per 128^3 window, {cost.seconds_per_voxel * 1e9:.1f} ns per "
-                f"native voxel (z-score, resample, way back, write), {cost.window_bytes / 1e9:.2f} GB per 128^3 window. Candidates "
+                f"native voxel (resample, way back, write), {cost.window_bytes / 1e9:.2f} GB per 128^3 window. Candidates "
                 f"clamped to {AUTO_RANGE.low[0]:g} - {AUTO_RANGE.high[0]:g} mm (not the BraTS range 1 - 3 mm; trained_range=None would "
                 f"leave the native 0.5 mm as the only candidate). Measured total = read + z-score + resample + network + way back + "
                 f"write .nrrd, from request_start.\n")
@@ -550,7 +550,7 @@ def main(device: str = "auto", repeats: int = 1, scale: float = 1.0, output_dir:
 
             if parts:
                 out("\nwhere the time went (predicted / measured); the planner decides after read and z-score, and its native-grid "
-                    "term (calibrated with z-scoring included) is compared with the measured resample + way back + write\n")
+                    "term (the marginal cost per native voxel, calibrated after warm-up) is compared with the measured resample + way back + write\n")
                 out("| budget | elapsed at the decision (read + z-score) | network (one whole window) | native-grid steps |")
                 out("|---|---|---|---|")
                 for budget_s, e_pred, e_meas, w_pred, w_meas, n_pred, n_meas in parts:

@@ -204,6 +204,22 @@ def test_budget_time_picks_finest_that_fits():
     assert cost.predict(NATIVE, SHAPE, cands[i - 1])["seconds"] > 1.0
 
 
+def test_budget_time_margin_plans_below_the_budget():
+    """With half the budget kept free, a 2 s budget takes what a 1 s budget without margin takes."""
+    cost = cost_model()
+    assert BudgetSpacing(cost, RANGE, time_budget_s=2.0, time_margin=0.5)(NATIVE, SHAPE) == (
+        BudgetSpacing(cost, RANGE, time_budget_s=1.0, time_margin=0.0)(NATIVE, SHAPE)
+    )
+    # the default margin is 10 %: a budget just above a candidate's prediction does not take it
+    finest = candidate_spacings(NATIVE, RANGE)[0]
+    seconds = cost.predict(NATIVE, SHAPE, finest)["seconds"]
+    assert BudgetSpacing(cost, RANGE, time_budget_s=seconds * 1.05)(NATIVE, SHAPE) != finest
+    assert BudgetSpacing(cost, RANGE, time_budget_s=seconds * 1.12)(NATIVE, SHAPE) == finest
+    for bad in (-0.1, 1.0, True, "0.1"):
+        with pytest.raises(ValueError, match=r"time_margin must be a share of the budget in \[0, 1\); got"):
+            BudgetSpacing(cost, RANGE, time_budget_s=1.0, time_margin=bad)
+
+
 def test_budget_memory_picks_finest_that_fits():
     """3 MB: 64^3 (5.19 MB) and 56^3 (3.81 MB) do not fit, 48^3 (2.77 MB) does."""
     cost = cost_model()

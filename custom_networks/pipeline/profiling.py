@@ -82,12 +82,13 @@ def measure(device: str | torch.device = "cpu", interval: float = 0.01) -> Itera
 
 def best_of(fn, device: str | torch.device = "cpu", repeats: int = 3) -> tuple[float, int]:
     """Benchmark helper: the fastest of ``repeats`` calls of ``fn`` after one warm-up call
-    (allocator, kernels, cached weights, compilation), in seconds, and the peak memory the timed
-    calls added in bytes (see :func:`measure`)."""
+    (allocator, kernels, cached weights, compilation), in seconds, and the peak memory that the
+    calls, warm-up included, added in bytes (see :func:`measure`). The warm-up counts for memory:
+    a CPU process keeps what it freed, so the timed calls alone would show almost no rise."""
     device = torch.device(device)
-    fn()
     times = []
     with measure(device, interval=0.002) as m:
+        fn()
         for _ in range(repeats):
             start = time.perf_counter()
             fn()
