@@ -92,6 +92,25 @@ def test_inference_writes_labels_in_the_input_geometry(trained, policy, tmp_path
         assert int(np.asarray(seg.dataobj).max()) < len(_classes(name))
 
 
+def test_spacing_ensemble_writes_labels_and_disagreement_in_the_input_geometry(trained, tmp_path):
+    """``--spacing_ensemble true``: three looks; the label and the disagreement map (float32, nats,
+    between 0 and ln 3) are written on each input's grid."""
+    name, data, root = trained
+    out = str(tmp_path / "pred")
+    run_bundle(name, "inference", ["inference.json"], "--dataset_dir", data, "--bundle_root", root, "--output_dir", out,
+               "--spacing_ensemble", "true")
+    for image in _images(name, data)[:2]:
+        (shape, affine) = _geometry(image)
+        seg = nib.load(os.path.join(out, _stem(image) + "_seg.nii.gz"))
+        mi = nib.load(os.path.join(out, _stem(image) + "_disagreement.nii.gz"))
+        for written in (seg, mi):
+            assert written.shape == shape, image
+            np.testing.assert_allclose(written.affine, affine, atol=1e-4, err_msg=image)
+        assert seg.get_data_dtype() == np.uint8 and mi.get_data_dtype() == np.float32
+        values = np.asarray(mi.dataobj)
+        assert values.min() >= 0.0 and values.max() <= np.log(3) + 1e-4 and values.max() > 0.0
+
+
 def test_evaluation_writes_dice_per_structure(trained):
     name, data, root = trained
     run_bundle(name, "evaluating", ["train.json", "evaluate.json"], "--dataset_dir", data, "--bundle_root", root, "--num_workers", "0")

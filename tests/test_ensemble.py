@@ -21,7 +21,15 @@ from monai.transforms import Orientationd
 
 from custom_networks import HyperUNet
 from custom_networks.pipeline import chain
-from custom_networks.pipeline.ensemble import DEFAULT_FACTORS, ensemble_spacings, mutual_information, spacing_ensemble
+from custom_networks.pipeline.ensemble import (
+    DEFAULT_FACTORS,
+    SpacingEnsembleInferer,
+    SplitDisagreementd,
+    ensemble_inferer,
+    ensemble_spacings,
+    mutual_information,
+    spacing_ensemble,
+)
 from custom_networks.spacing import SpacingRange
 
 RANGE = SpacingRange.from_config({"low": [1.0, 1.0, 1.0], "high": [3.0, 3.0, 3.0]})
@@ -152,3 +160,43 @@ def test_a_hyperunet_generates_one_weight_set_per_spacing_for_two_images():
     for _ in range(2):
         spacing_ensemble(net, image, spacings, chain.inferer((16, 16, 16), overlap=0.25))
     assert net.generation_count == len(spacings)
+
+
+# --------------------------------------------------------------------------- the bundles' inferer
+
+
+def test_ensemble_inferer_option_values():
+    window = chain.inferer((32, 32, 32))
+    for off in (False, None, "false", "no"):
+        assert ensemble_inferer(window, off) is window
+    assert ensemble_inferer(window, True, RANGE).factors == DEFAULT_FACTORS
+    assert ensemble_inferer(window, "true").factors == DEFAULT_FACTORS
+    assert ensemble_inferer(window, "[1, 1.5]").factors == (1.0, 1.5)
+    assert ensemble_inferer(window, [1, 2]).factors == (1.0, 2.0)
+    for bad in ("sometimes", 1.5, "[1, -2]", []):
+        with pytest.raises(ValueError, match="spacing_ensemble must be|factor"):
+            ensemble_inferer(window, bad)
+
+
+def test_inferer_output_is_the_log_mean_and_the_disagreement_of_the_looks():
+    """On the working grid: softmax of the output = the looks' mean probability, the last channel
+    the mutual information; the label matches the oracle's, as spacing_ensemble's does."""
+    image, r = ball_image(oblique=False)
+    working = (1.0, 1.1, 1.0)
+    ensemble = SpacingEnsembleInferer(WINDOW, DEFAULT_FACTORS, RANGE)
+    out = ensemble(image.as_tensor()[None], Threshold(), spacing=torch.tensor([working]))
+    assert out.shape == (1, 3, *image.shape[1:])
+    mean = torch.softmax(out[0, :2], 0)
+    torch.testing.assert_close(mean.sum(0), torch.ones(image.shape[1:]))
+    reference = spacing_ensemble(Threshold(), MetaTensor(image.as_tensor(), affine=torch.diag(torch.tensor([*working, 1.0], dtype=torch.float64))),
+                                 ensemble_spacings(working, RANGE), WINDOW)
+    np.testing.assert_array_equal(mean.argmax(0).numpy(), reference["label"][0].numpy())
+    torch.testing.assert_close(out[0, 2], reference["disagreement"][0].as_tensor(), atol=1e-5, rtol=0)
+    # the split for saving keeps the input's geometry and name
+    d = SplitDisagreementd()({"pred": out[0], "image": image})
+    assert d["pred"].shape[0] == 2 and d["disagreement"].shape == (1, *image.shape[1:])
+    torch.testing.assert_close(d["disagreement"].affine, image.affine)
+    with pytest.raises(ValueError, match="needs the working spacing"):
+        ensemble(image.as_tensor()[None], Threshold())
+    with pytest.raises(ValueError, match="one image"):
+        ensemble(torch.zeros(2, 1, 8, 8, 8), Threshold(), spacing=torch.ones(2, 3))

@@ -21,21 +21,33 @@ two of ``native voxels``; for a 2-class model on a 0.5 mm brain (57 M voxels) ab
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Sequence
 
 import numpy as np
 import torch
+from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.utils import TraceKeys
+from monai.inferers import Inferer
+from monai.transforms import MapTransform
+from monai.utils import TraceKeys, str2bool
 
 from ..spacing import SpacingRange, parse_spacing
 from .chain import run_network
-from .resample import resample_to_native
+from .resample import antialias_sigma, resample_axes, resample_to_native, working_grid
 from .transforms import SpacingPolicyd
 
-__all__ = ["DEFAULT_FACTORS", "ensemble_spacings", "mutual_information", "spacing_ensemble"]
+__all__ = [
+    "DEFAULT_FACTORS",
+    "SpacingEnsembleInferer",
+    "SplitDisagreementd",
+    "ensemble_inferer",
+    "ensemble_spacings",
+    "mutual_information",
+    "spacing_ensemble",
+]
 
 #: Working spacings of the default ensemble, as multiples of the clamped native spacing: a 1.25x
 #: and a 1.5x coarser look cost about 0.51x and 0.30x the voxels of the first.
@@ -85,6 +97,39 @@ def mutual_information(mean_probs: torch.Tensor, mean_entropy: torch.Tensor) -> 
     return (_entropy(mean_probs) - mean_entropy).clamp_min(0.0)
 
 
+class _Looks:
+    """Running sums of the looks on one reference grid (created per call, never shared)."""
+
+    def __init__(self):
+        self.total = self.entropy = self.foreground = None
+        self.count = 0
+
+    def add(self, probs: torch.Tensor) -> None:
+        """One look's probabilities ``(C, *reference)``."""
+        entropy, foreground = _entropy(probs), probs.argmax(0) != 0
+        if self.total is None:
+            self.total, self.entropy, self.foreground = probs.clone(), entropy, foreground
+        else:
+            self.total += probs
+            self.entropy += entropy
+            self.foreground |= foreground
+        self.count += 1
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Mean probabilities ``(C, *reference)``, disagreement ``(*reference)`` (nats) and the score."""
+        mean = self.total / float(self.count)
+        disagreement = mutual_information(mean, self.entropy / float(self.count))
+        foreground = self.foreground | (mean.argmax(0) != 0)
+        score = float(disagreement[foreground].mean()) if bool(foreground.any()) else 0.0
+        return mean, disagreement, score
+
+
+def _resample_probs(probs: torch.Tensor, factor: Sequence[float], shape: Sequence[int]) -> torch.Tensor:
+    if all(float(f) == 1.0 for f in factor) and tuple(probs.shape[1:]) == tuple(shape):
+        return probs
+    return resample_to_native(probs, factor, shape)
+
+
 def spacing_ensemble(
     network: torch.nn.Module,
     image: MetaTensor,
@@ -117,33 +162,17 @@ def spacing_ensemble(
     if not spacings:
         raise ValueError("spacings is empty: give at least one working spacing (mm).")
     native_shape = tuple(int(v) for v in image.shape[1:])
-    total = entropy_sum = foreground = None
-    seconds = []
+    looks, seconds = _Looks(), []
     for s in spacings:
         start = time.perf_counter()
         look = SpacingPolicyd("image", policy="target", target_spacing=list(s))({"image": image})
         factor = look["image"].applied_operations[-1][TraceKeys.EXTRA_INFO]["factor"]
         probs = torch.softmax(run_network(network, window, look, device), 0)
-        if all(float(f) == 1.0 for f in factor) and tuple(probs.shape[1:]) == native_shape:
-            native_probs = probs
-        else:
-            native_probs = resample_to_native(probs, factor, native_shape)
-        entropy = _entropy(native_probs)
-        is_foreground = native_probs.argmax(0) != 0
-        if total is None:
-            total, entropy_sum, foreground = native_probs.clone(), entropy, is_foreground
-        else:
-            total += native_probs
-            entropy_sum += entropy
-            foreground |= is_foreground
-        del native_probs, probs, look
+        looks.add(_resample_probs(probs, factor, native_shape))
+        del probs, look
         seconds.append(round(time.perf_counter() - start, 3))
-    n = float(len(spacings))
-    total /= n
-    disagreement = mutual_information(total, entropy_sum / n)
-    labels = total.argmax(0)
-    foreground |= labels != 0
-    score = float(disagreement[foreground].mean()) if bool(foreground.any()) else 0.0
+    mean, disagreement, score = looks.result()
+    labels = mean.argmax(0)
 
     def like_image(x: torch.Tensor) -> MetaTensor:
         out = MetaTensor(x[None], affine=image.affine.clone(), meta={k: v for k, v in image.meta.items() if k != "affine"})
@@ -157,3 +186,114 @@ def spacing_ensemble(
         "spacings": [list(s) for s in spacings],
         "seconds_per_look": seconds,
     }
+
+
+class SpacingEnsembleInferer(Inferer):
+    """A MONAI ``Inferer`` that runs a window inferer at several working spacings and averages them.
+
+    The bundles' ``inference.json`` uses it with ``"spacing_ensemble"`` on: its input is the image
+    on the working grid the spacing policy chose (spacing ``w``). Each look resamples that input to
+    ``w * factor`` (clamped to ``trained_range``; the anti-aliased resampler of
+    :class:`~custom_networks.pipeline.transforms.SpacingPolicyd`), runs ``window`` there and brings
+    the probabilities back to the input's grid, where the looks are combined as in
+    :func:`spacing_ensemble`. The output is ``log(mean probability)`` per class, so that the
+    softmax of the way back (:class:`~custom_networks.pipeline.transforms.NativeLabelsd`) gives
+    the mean probability itself, and with ``disagreement=True`` one more channel, the mutual
+    information (nats), for :class:`SplitDisagreementd`.
+
+    Args:
+        window: the inferer of one look (e.g. :class:`~custom_networks.SpacingSlidingWindowInferer`),
+            called as ``window(x, network, spacing=...)``.
+        factors: multiples of the working spacing, e.g. :data:`DEFAULT_FACTORS`.
+        trained_range: the model's :class:`~custom_networks.spacing.SpacingRange` (``None``: no clamping).
+        disagreement: append the disagreement channel.
+
+    Shapes: ``inputs`` ``(1, C_in, *working)``, ``spacing`` ``(1, D)`` or ``(D,)`` mm; output
+    ``(1, classes (+1), *working)``. One image per call (the bundles' batch size).
+    """
+
+    def __init__(self, window, factors: Sequence[float] = DEFAULT_FACTORS, trained_range=None, disagreement: bool = True):
+        super().__init__()
+        ensemble_spacings((1.0,), None, factors)  # checks the factors now, before any image
+        self.window = window
+        self.factors = tuple(float(f) for f in factors)
+        self.trained_range = None if trained_range is None else SpacingRange.from_config(trained_range)
+        self.disagreement = bool(disagreement)
+
+    def __call__(self, inputs: torch.Tensor, network, *args, spacing=None, **kwargs) -> torch.Tensor:
+        if inputs.dim() < 3 or inputs.shape[0] != 1:
+            raise ValueError(f"SpacingEnsembleInferer takes one image (1, C, *spatial), got shape {tuple(inputs.shape)}.")
+        dims = inputs.dim() - 2
+        if spacing is None:
+            raise ValueError("SpacingEnsembleInferer needs the working spacing: call it with spacing=(1, D) mm.")
+        working = tuple(float(v) for v in torch.as_tensor(spacing, dtype=torch.float64).reshape(-1, dims)[0])
+        shape = tuple(int(v) for v in inputs.shape[2:])
+        src = inputs[0].as_tensor() if isinstance(inputs, MetaTensor) else inputs[0]
+        looks = _Looks()
+        for s in ensemble_spacings(working, self.trained_range, self.factors):
+            look_shape, factor = working_grid(shape, working, s)
+            if all(float(f) == 1.0 for f in factor):
+                x = src
+            else:
+                coords = [np.arange(m) * f for m, f in zip(look_shape, factor)]
+                x = resample_axes(src.float(), coords, antialias_sigma(working, s), "bilinear", padding="border")
+            s_tensor = torch.tensor([s], dtype=torch.float32, device=src.device)
+            logits = self.window(x[None].to(src.dtype), network, *args, spacing=s_tensor, **kwargs)[0]
+            probs = torch.softmax(logits.float(), 0)
+            looks.add(_resample_probs(probs, factor, shape))
+        mean, disagreement, _ = looks.result()
+        out = torch.log(mean.clamp_min(1e-12))
+        if self.disagreement:
+            out = torch.cat([out, disagreement[None]], 0)
+        return out[None]
+
+
+class SplitDisagreementd(MapTransform):
+    """Move the last channel of ``keys`` (the :class:`SpacingEnsembleInferer`'s disagreement) to
+    ``disagreement_key``, as a MetaTensor with the geometry, metadata (file name) and applied
+    operations of ``orig_keys``, so that MONAI's ``Invertd`` can bring it to the native grid and
+    ``SaveImaged`` names it after the input."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        disagreement_key: str = "disagreement",
+        orig_keys: str = "image",
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.disagreement_key = disagreement_key
+        self.orig_keys = orig_keys
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred, image = d[key], d[self.orig_keys]
+            if pred.shape[0] < 3:
+                raise ValueError(f"{key} has {pred.shape[0]} channels; expected classes + 1 disagreement channel.")
+            values = pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)
+            disagreement = MetaTensor(values[-1:].float(), affine=image.affine.clone(), meta={k: v for k, v in image.meta.items() if k != "affine"})
+            disagreement.applied_operations = list(image.applied_operations)
+            d[key], d[self.disagreement_key] = pred[:-1], disagreement
+        return d
+
+
+def ensemble_inferer(window, spacing_ensemble, trained_range=None):
+    """``window`` itself (``spacing_ensemble`` false or null), or a :class:`SpacingEnsembleInferer`
+    over it: ``true`` for :data:`DEFAULT_FACTORS`, or a list of factors (what a bundle's
+    ``"spacing_ensemble"`` holds; from a command line also the strings ``"true"``, ``"false"``,
+    ``"[1, 1.5]"``)."""
+    if isinstance(spacing_ensemble, str):  # from a command line: "true", "no", "[1, 1.5]"
+        text = spacing_ensemble.strip()
+        try:
+            spacing_ensemble = json.loads(text) if text.startswith("[") else str2bool(text)
+        except ValueError:
+            raise ValueError(
+                f"spacing_ensemble must be false, true or a list of factors such as [1, 1.25, 1.5]; got {text!r}."
+            ) from None
+    if spacing_ensemble is None or spacing_ensemble is False:
+        return window
+    factors = DEFAULT_FACTORS if spacing_ensemble is True else spacing_ensemble
+    if isinstance(factors, str) or not isinstance(factors, (list, tuple)):
+        raise ValueError(f"spacing_ensemble must be false, true or a list of factors such as [1, 1.25, 1.5]; got {spacing_ensemble!r}.")
+    return SpacingEnsembleInferer(window, factors, trained_range)
