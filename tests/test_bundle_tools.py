@@ -339,7 +339,12 @@ def test_pack_runs_without_the_repository(bundle, trained, tmp_path, caplog):
 
 # --------------------------------------------------------------------------- the repository's bundles: one source
 
-REPO_BUNDLES = {"brats": "brats_mri_tumour_segmentation", "spider": "spider_mri_spine_segmentation", "mmwhs": "mmwhs_mri_heart_segmentation"}
+REPO_BUNDLES = {
+    "brats": "brats_mri_tumour_segmentation",
+    "spider": "spider_mri_spine_segmentation",
+    "mmwhs": "mmwhs_mri_heart_segmentation",
+    "vessel": "vessel_mra_segmentation",
+}
 
 
 @pytest.mark.parametrize("name", REPO_BUNDLES)

@@ -4,6 +4,7 @@ seconds (fewer channels, smaller patches, one or two epochs)."""
 
 import csv
 import glob
+import math
 import os
 import shutil
 import socket
@@ -25,12 +26,14 @@ BUNDLES = {
     "brats": "brats_mri_tumour_segmentation",
     "spider": "spider_mri_spine_segmentation",
     "mmwhs": "mmwhs_mri_heart_segmentation",
+    "vessel": "vessel_mra_segmentation",
 }
 # CPU-sized overrides; SPIDER has four downsamplings, so its patch axes are multiples of 16
 SMALL = {
     "brats": ["--patch_size", "[32,32,32]", "--network_def#channels", "[8,16]"],
     "spider": ["--patch_size", "[16,32,32]", "--network_def#channels", "[4,8,8,8,8]"],
     "mmwhs": ["--patch_size", "[32,32,32]", "--network_def#channels", "[8,16]"],
+    "vessel": ["--patch_size", "[32,32,32]", "--network_def#channels", "[8,16]"],
 }
 
 # the SDN U-Net's recurrence sits at 1/4 resolution and coarser: three levels at least
@@ -38,6 +41,7 @@ SMALL_SDN = {
     "brats": ["--primary_network", "sdn_unet", "--patch_size", "[32,32,32]", "--network_def#channels", "[4,8,8]"],
     "spider": ["--primary_network", "sdn_unet", *SMALL["spider"]],
     "mmwhs": ["--primary_network", "sdn_unet", "--patch_size", "[32,32,32]", "--network_def#channels", "[4,8,8]"],
+    "vessel": ["--primary_network", "sdn_unet", "--patch_size", "[32,32,32]", "--network_def#channels", "[4,8,8]"],
 }
 
 
@@ -93,16 +97,26 @@ def test_inference_writes_labels_in_the_input_geometry(trained, policy, tmp_path
 
 
 def test_evaluation_writes_dice_per_structure(trained):
+    """Dice per structure for every bundle; the vessel bundle also clDice and connected components
+    (its data set's ``extra_metrics``), the others nothing more."""
     name, data, root = trained
     run_bundle(name, "evaluating", ["train.json", "evaluate.json"], "--dataset_dir", data, "--bundle_root", root, "--num_workers", "0")
-    with open(os.path.join(root, "eval", "val_mean_dice_raw.csv")) as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) >= 1
-    structures = [k for k in rows[0] if k.startswith("class")]
-    assert len(structures) == len(_classes(name)) - 1  # one Dice per structure, background excluded
-    for row in rows:
-        for k in structures:
-            assert row[k] == "nan" or 0.0 <= float(row[k]) <= 1.0
+    extra = {"vessel": ["val_cldice", "val_components", "val_extra_components"]}.get(name, [])
+    written = sorted(os.path.basename(p)[: -len("_raw.csv")] for p in glob.glob(os.path.join(root, "eval", "*_raw.csv")))
+    assert written == sorted(["val_mean_dice", *extra])
+    for metric in written:
+        with open(os.path.join(root, "eval", f"{metric}_raw.csv")) as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) >= 1, metric
+        structures = [k for k in rows[0] if k.startswith("class")]
+        assert len(structures) == len(_classes(name)) - 1  # one value per structure, background excluded
+        for row in rows:
+            for k in structures:
+                value = float(row[k])
+                if metric in ("val_mean_dice", "val_cldice"):
+                    assert math.isnan(value) or 0.0 <= value <= 1.0
+                else:  # counts of pieces, per image
+                    assert value == int(value) and (value >= 0 or metric == "val_extra_components")
 
 
 def test_interactive_training_and_inference_commands(tmp_path):
@@ -153,7 +167,8 @@ def test_sdn_unet_trains_one_epoch_and_infers_in_the_input_geometry(trained, tmp
         assert int(np.asarray(seg.dataobj).max()) < len(_classes(name))
 
 
-@pytest.mark.parametrize("trained", ["brats"], indirect=True)  # packing is the same for every bundle
+# packing is the same for every bundle; the vessel bundle's zip also carries the losses and metrics it trains and evaluates with
+@pytest.mark.parametrize("trained", ["brats", "vessel"], indirect=True)
 def test_packed_zip_trains_infers_and_passes_monai_checks_outside_the_repository(trained, tmp_path):
     """A shared bundle needs only the requirements: unzip it away from this checkout, then train one
     short epoch and infer with the model zoo's single-file commands, and pass MONAI's checks."""
