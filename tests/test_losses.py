@@ -8,17 +8,18 @@ import math
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Events
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedTrainer
 from monai.losses import DiceCELoss, DiceLoss, TverskyLoss
+from monai.metrics import DiceMetric
 from monai.networks.utils import one_hot
 
 from custom_networks import DATASETS, PlainUNet, PrepareBatchSpacing, RandSpacingPatchd, get_dataset
 from custom_networks.data.datasets import DatasetSpec
 from custom_networks.data.synthetic_datasets import vessel_tree
 from custom_networks.losses import FocalTverskyLoss, MIPLoss, VoxelMIPLoss, build_loss, project
-from custom_networks.metrics import ClDiceMetric, ConnectedComponentsMetric
-from monai.metrics import DiceMetric
+from custom_networks.metrics import ClDiceMetric, count_components
 
 
 class Weighted:
@@ -295,7 +296,7 @@ def test_the_spacing_reaches_the_loss_through_monai_supervised_trainer():
     trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=net,
                                 optimizer=torch.optim.SGD(net.parameters(), 1e-3), loss_function=loss, prepare_batch=PrepareBatchSpacing())
 
-    @trainer.on(__import__("ignite").engine.Events.ITERATION_STARTED)
+    @trainer.on(Events.ITERATION_STARTED)
     def keep(engine):
         drawn.extend(engine.state.batch["spacing"].tolist())
 
@@ -305,3 +306,63 @@ def test_the_spacing_reaches_the_loss_through_monai_supervised_trainer():
         axis = max(a for a in range(3) if spacing[a] >= max(spacing) * (1 - 1e-4))
         slabs = math.ceil(16 / max(1, math.floor(3.0 / spacing[axis] + 0.5)))
         assert shape == (slabs, 1, 16, 16), (spacing, shape)
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def _vessel_volumes(seed: int, n: int, shape=(32, 32, 24), spacing=(0.5, 0.5, 0.6)):
+    """``n`` generated vessel trees (radii 1.5 mm down to 0.25 mm, i.e. down to half a voxel) as
+    z-scored images ``(n, 1, *shape)`` and labels ``(n, 1, *shape)``."""
+    rng = np.random.RandomState(seed)
+    images, labels = [], []
+    for _ in range(n):
+        image, label = vessel_tree(shape, spacing, rng, radius_mm=(0.25, 1.5), levels=4, noise=20.0)
+        images.append((image - image.mean()) / image.std())
+        labels.append(label)
+    return torch.tensor(np.stack(images))[:, None].float(), torch.tensor(np.stack(labels))[:, None].long()
+
+
+def _train(loss, images, labels, seed: int, iterations: int = 250) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    net = PlainUNet(in_channels=1, out_channels=2, channels=(8, 16), convs_per_level=1)
+    optimizer = torch.optim.Adam(net.parameters(), 3e-3)
+    draws = torch.Generator().manual_seed(seed)
+    for _ in range(iterations):
+        batch = torch.randint(0, len(images), (2,), generator=draws)
+        optimizer.zero_grad()
+        loss(net(images[batch]), labels[batch]).backward()
+        optimizer.step()
+    return net
+
+
+def _scores(net, images, labels) -> tuple[float, float, float]:
+    """Mean Dice, mean clDice and mean connected components of the prediction per label tree."""
+    with torch.no_grad():
+        pred = net(images).argmax(1, keepdim=True)
+    p, y = one_hot(pred, 2), one_hot(labels, 2)
+    dice = float(DiceMetric(include_background=False)(p, y).mean())
+    cldice = float(ClDiceMetric()(p, y).nanmean())
+    per_tree = np.mean([count_components(pred[i, 0].numpy()) / max(1, count_components(labels[i, 0].numpy())) for i in range(len(images))])
+    return dice, cldice, float(per_tree)
+
+
+def test_mip_loss_gives_more_continuous_vessels_than_the_voxel_loss_alone_at_the_same_dice():
+    """Generated vessel trees (fixed seeds), the same small UNet, data, draws and 250 Adam steps,
+    trained with DiceCE alone and with ``0.5 DiceCE + 0.5 MIP`` (soft Dice of the projections along
+    the three axes, summed), then scored on 8 held-out trees.
+
+    A thin branch holds few voxels, so the voxel loss hardly misses it, but it is a whole line of
+    each projection: the MIP loss keeps more of the thin branches connected. Measured here with
+    training seeds 0, 1, 2: Dice 0.908 / 0.900 / 0.901 (voxel) and 0.894 / 0.898 / 0.904 (MIP);
+    clDice +0.023 / +0.037 / +0.029; components per tree 2.50 -> 1.62, 2.50 -> 1.62, 2.62 -> 1.88.
+    (With SPOCKMIP's weight 0.3 the gains were smaller and less even: clDice +0.005 to +0.022.)"""
+    images, labels = _vessel_volumes(seed=100, n=8)
+    test_images, test_labels = _vessel_volumes(seed=200, n=8)
+    voxel = _scores(_train(build_loss("dice_ce"), images, labels, seed=0), test_images, test_labels)
+    with_mip = _scores(_train(build_loss("dice_ce", mip_weight=0.5), images, labels, seed=0), test_images, test_labels)
+    (dice_v, cl_v, pieces_v), (dice_m, cl_m, pieces_m) = voxel, with_mip
+    assert dice_v > 0.85, voxel  # both learned the task
+    assert abs(dice_m - dice_v) <= 0.02, (voxel, with_mip)
+    assert cl_m >= cl_v + 0.015, (voxel, with_mip)
+    assert pieces_m <= pieces_v - 0.5, (voxel, with_mip)
