@@ -378,6 +378,10 @@ def test_generated_metadata_follows_datasets_py(name):
     assert pred["num_channels"] == spec.num_classes
     assert list(pred["channel_def"].values()) == [c.replace("_", " ") for c in spec.classes]
     assert meta["required_packages_version"]["nibabel"] == bundle_tools._pins()["nibabel"]
+    # clDice's skeletons need scikit-image: listed for the data set that reports it, not for the others
+    assert ("scikit-image" in meta["required_packages_version"]) == ("cldice" in spec.extra_metrics)
+    if "cldice" in spec.extra_metrics:
+        assert meta["required_packages_version"]["scikit-image"] == bundle_tools._pins()["scikit-image"]
     assert meta["network"] == {"primary_network": "unet", "hypernetwork": True, "description": describe_network("unet", True)}
     baseline = bundle_tools.metadata(REPO / "bundles" / REPO_BUNDLES[name], overrides={"hypernetwork": False})
     assert (baseline["network"]["primary_network"], baseline["network"]["hypernetwork"]) == ("unet", False)

@@ -10,7 +10,7 @@ from monai.metrics import CumulativeIterationMetric
 
 from .topology import ClDiceMetric, ConnectedComponentsMetric
 
-__all__ = ["METRICS", "metric_handlers"]
+__all__ = ["METRICS", "METRIC_PACKAGES", "metric_handlers"]
 
 # name -> metric factory; an evaluator reports the metric as "val_<name>"
 METRICS: dict[str, Callable[[], CumulativeIterationMetric]] = {
@@ -18,6 +18,8 @@ METRICS: dict[str, Callable[[], CumulativeIterationMetric]] = {
     "components": ConnectedComponentsMetric,
     "extra_components": lambda: ConnectedComponentsMetric(subtract_label=True),
 }
+# what a metric needs beyond MONAI's own requirements; a bundle's metadata lists it
+METRIC_PACKAGES: dict[str, tuple[str, ...]] = {"cldice": ("scikit-image",)}
 
 
 def metric_handlers(names: Sequence[str], prefix: str = "val_") -> dict[str, IgniteMetricHandler]:
