@@ -8,6 +8,8 @@ The package is layered; imports flow one way, downwards:
 - ``data``      data sets, data lists, generated data, atomic file writers
 - ``nets``      the networks: :class:`UNetLayout`, :class:`PlainUNet`, :class:`SDNUNet`, the
   generic :class:`HyperNetwork` and :class:`HyperUNet`, and :func:`build_network` for bundles
+- ``losses``, ``metrics`` (beside ``nets``): SPOCKMIP's MIP loss and the focal Tversky loss;
+  clDice and connected components for tubular structures
 - ``spacing``   the vocabulary every layer shares: parsing and ranges of spacings (mm)
 
 The names below are the ones users import from ``custom_networks`` directly.
@@ -26,6 +28,6 @@ from .pipeline import (
     SpacingSlidingWindowInferer,
     batch_spacing,
 )
-from . import data, nets, pipeline  # noqa: F401  (custom_networks.pipeline.*, .data.*, .nets.* in bundle expressions)
+from . import data, losses, metrics, nets, pipeline  # noqa: F401  (custom_networks.pipeline.*, .data.*, ... in bundle expressions)
 
 __version__ = "0.1.0"

@@ -179,10 +179,12 @@ def derived_metadata(dataset, in_channels: int, data_type: str, primary_network:
     ``primary_network`` and ``hypernetwork``, the network's input channels) and the pinned
     requirements: :data:`DERIVED_METADATA`."""
     from .data.datasets import get_dataset
+    from .metrics import METRIC_PACKAGES
 
     spec = get_dataset(dataset)
     pins = _pins()
     packages = list(_RUNTIME_PACKAGES) + (["itk"] if data_type == "itk" else [])
+    packages += [p for m in spec.extra_metrics for p in METRIC_PACKAGES.get(m, ()) if p not in packages]
     divisor = 2 ** (len(spec.channels) - 1)
     shape = [f"{divisor}*n"] * spec.spatial_dims
     names = {str(i): c.replace("_", " ") for i, c in enumerate(spec.classes)}

@@ -339,7 +339,12 @@ def test_pack_runs_without_the_repository(bundle, trained, tmp_path, caplog):
 
 # --------------------------------------------------------------------------- the repository's bundles: one source
 
-REPO_BUNDLES = {"brats": "brats_mri_tumour_segmentation", "spider": "spider_mri_spine_segmentation", "mmwhs": "mmwhs_mri_heart_segmentation"}
+REPO_BUNDLES = {
+    "brats": "brats_mri_tumour_segmentation",
+    "spider": "spider_mri_spine_segmentation",
+    "mmwhs": "mmwhs_mri_heart_segmentation",
+    "vessel": "vessel_mra_segmentation",
+}
 
 
 @pytest.mark.parametrize("name", REPO_BUNDLES)
@@ -373,6 +378,10 @@ def test_generated_metadata_follows_datasets_py(name):
     assert pred["num_channels"] == spec.num_classes
     assert list(pred["channel_def"].values()) == [c.replace("_", " ") for c in spec.classes]
     assert meta["required_packages_version"]["nibabel"] == bundle_tools._pins()["nibabel"]
+    # clDice's skeletons need scikit-image: listed for the data set that reports it, not for the others
+    assert ("scikit-image" in meta["required_packages_version"]) == ("cldice" in spec.extra_metrics)
+    if "cldice" in spec.extra_metrics:
+        assert meta["required_packages_version"]["scikit-image"] == bundle_tools._pins()["scikit-image"]
     assert meta["network"] == {"primary_network": "unet", "hypernetwork": True, "description": describe_network("unet", True)}
     baseline = bundle_tools.metadata(REPO / "bundles" / REPO_BUNDLES[name], overrides={"hypernetwork": False})
     assert (baseline["network"]["primary_network"], baseline["network"]["hypernetwork"]) == ("unet", False)

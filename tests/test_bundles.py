@@ -4,6 +4,7 @@ seconds (fewer channels, smaller patches, one or two epochs)."""
 
 import csv
 import glob
+import math
 import os
 import shutil
 import socket
@@ -25,12 +26,14 @@ BUNDLES = {
     "brats": "brats_mri_tumour_segmentation",
     "spider": "spider_mri_spine_segmentation",
     "mmwhs": "mmwhs_mri_heart_segmentation",
+    "vessel": "vessel_mra_segmentation",
 }
 # CPU-sized overrides; SPIDER has four downsamplings, so its patch axes are multiples of 16
 SMALL = {
     "brats": ["--patch_size", "[32,32,32]", "--network_def#channels", "[8,16]"],
     "spider": ["--patch_size", "[16,32,32]", "--network_def#channels", "[4,8,8,8,8]"],
     "mmwhs": ["--patch_size", "[32,32,32]", "--network_def#channels", "[8,16]"],
+    "vessel": ["--patch_size", "[32,32,32]", "--network_def#channels", "[8,16]"],
 }
 
 # the SDN U-Net's recurrence sits at 1/4 resolution and coarser: three levels at least
@@ -38,6 +41,7 @@ SMALL_SDN = {
     "brats": ["--primary_network", "sdn_unet", "--patch_size", "[32,32,32]", "--network_def#channels", "[4,8,8]"],
     "spider": ["--primary_network", "sdn_unet", *SMALL["spider"]],
     "mmwhs": ["--primary_network", "sdn_unet", "--patch_size", "[32,32,32]", "--network_def#channels", "[4,8,8]"],
+    "vessel": ["--primary_network", "sdn_unet", "--patch_size", "[32,32,32]", "--network_def#channels", "[4,8,8]"],
 }
 
 
@@ -112,16 +116,26 @@ def test_spacing_ensemble_writes_labels_and_disagreement_in_the_input_geometry(t
 
 
 def test_evaluation_writes_dice_per_structure(trained):
+    """Dice per structure for every bundle; the vessel bundle also clDice and connected components
+    (its data set's ``extra_metrics``), the others nothing more."""
     name, data, root = trained
     run_bundle(name, "evaluating", ["train.json", "evaluate.json"], "--dataset_dir", data, "--bundle_root", root, "--num_workers", "0")
-    with open(os.path.join(root, "eval", "val_mean_dice_raw.csv")) as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) >= 1
-    structures = [k for k in rows[0] if k.startswith("class")]
-    assert len(structures) == len(_classes(name)) - 1  # one Dice per structure, background excluded
-    for row in rows:
-        for k in structures:
-            assert row[k] == "nan" or 0.0 <= float(row[k]) <= 1.0
+    extra = {"vessel": ["val_cldice", "val_components", "val_extra_components"]}.get(name, [])
+    written = sorted(os.path.basename(p)[: -len("_raw.csv")] for p in glob.glob(os.path.join(root, "eval", "*_raw.csv")))
+    assert written == sorted(["val_mean_dice", *extra])
+    for metric in written:
+        with open(os.path.join(root, "eval", f"{metric}_raw.csv")) as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) >= 1, metric
+        structures = [k for k in rows[0] if k.startswith("class")]
+        assert len(structures) == len(_classes(name)) - 1  # one value per structure, background excluded
+        for row in rows:
+            for k in structures:
+                value = float(row[k])
+                if metric in ("val_mean_dice", "val_cldice"):
+                    assert math.isnan(value) or 0.0 <= value <= 1.0
+                else:  # counts of pieces, per image
+                    assert value == int(value) and (value >= 0 or metric == "val_extra_components")
 
 
 def test_interactive_training_and_inference_commands(tmp_path):
@@ -219,6 +233,36 @@ def test_packed_zip_trains_infers_and_passes_monai_checks_outside_the_repository
         "for c, t in (('train.json', 'train'), ('inference.json', 'infer')):\n"
         "    w = ConfigWorkflow(config_file=f'{r}/configs/{c}', workflow_type=t, bundle_root=r, dataset_dir=d)\n"
         "    w.initialize(); assert not w.check_properties(), w.check_properties()", str(unpacked), data)
+
+
+@pytest.mark.parametrize("trained", ["vessel"], indirect=True)
+def test_packed_vessel_bundle_carries_its_loss_and_metrics_and_passes_monai_checks(trained, tmp_path):
+    """The vessel bundle's zip, unzipped outside the repository, builds its MIP loss and its
+    evaluation metrics from its own copy of the package, lists scikit-image (clDice) among its
+    required packages, and passes MONAI's checks."""
+    import json
+    import zipfile
+
+    from custom_networks.bundle_tools import pack
+
+    name, data, root = trained
+    archive = pack(bundle_dir(name), output=str(tmp_path / "bundle.zip"), ckpt=os.path.join(root, "models", "model.pt"))
+    with zipfile.ZipFile(archive) as z:
+        meta = json.loads(z.read(f"{BUNDLES[name]}/configs/metadata.json"))
+        z.extractall(tmp_path / "elsewhere")
+    assert "scikit-image" in meta["required_packages_version"]
+    unpacked = tmp_path / "elsewhere" / BUNDLES[name]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(PYTHONPATH=str(unpacked), CUDA_VISIBLE_DEVICES="")
+    check = ("import sys, custom_networks; from monai.bundle import ConfigParser; from custom_networks.losses import VoxelMIPLoss\n"
+             "assert custom_networks.__file__.startswith(sys.argv[1]), custom_networks.__file__\n"
+             "p = ConfigParser(); p.read_config([f'{sys.argv[1]}/configs/train.json', f'{sys.argv[1]}/configs/evaluate.json'])\n"
+             "p.read_meta(f'{sys.argv[1]}/configs/metadata.json'); p['bundle_root'] = sys.argv[1]\n"
+             "assert isinstance(p.get_parsed_content('loss'), VoxelMIPLoss)\n"
+             "assert sorted(p.get_parsed_content('validate#extra_metrics')) == ['val_cldice', 'val_components', 'val_extra_components']")
+    for args in (["-c", check, str(unpacked)], ["-m", "custom_networks.bundle_tools", "verify", str(unpacked), "--device", "cpu", "--n", "2"]):
+        result = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, f"{args}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
 
 
 @pytest.mark.parametrize("name", list(BUNDLES))

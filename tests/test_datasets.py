@@ -20,7 +20,7 @@ from custom_networks.data.datasets import DATASETS, CheckImaged, MapLabelsd, che
 from custom_networks.data.synthetic_datasets import SPACINGS, case_ids, write_synthetic_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAMES = ("brats", "spider", "mmwhs")
+NAMES = ("brats", "spider", "mmwhs", "vessel")
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +39,11 @@ def load_raw(image, label):
 def case_paths(name, root, case, modality=None):
     spec = get_dataset(name)
     modality = modality or spec.modality
+    # a layout with split folders (vessel): the folder that holds the case
+    folders = [f for f in spec.split_folders.values() if os.path.isfile(os.path.join(root, f, case))] or [None]
     return (
-        os.path.join(root, spec.image_template.format(case=case, modality=modality)),
-        os.path.join(root, spec.label_template.format(case=case, modality=modality)),
+        os.path.join(root, spec.image_template.format(case=case, modality=modality, split=folders[0])),
+        os.path.join(root, spec.label_template.format(case=case, modality=modality, split=folders[0])),
     )
 
 
@@ -64,7 +66,7 @@ def save_nifti(path, array, affine=None, sform=None):
 
 
 def test_registry_names_and_network_kwargs():
-    assert set(DATASETS) == {"brats", "spider", "spider_discs", "mmwhs"}
+    assert set(DATASETS) == {"brats", "spider", "spider_discs", "mmwhs", "vessel"}
     with pytest.raises(ValueError, match=r"unknown dataset 'kits'.*brats.*mmwhs.*spider"):
         get_dataset("kits")
     for spec in DATASETS.values():
@@ -90,6 +92,7 @@ def test_registry_names_and_network_kwargs():
         ("spider", [0, 1, 25, 100, 101, 125, 201, 225], [0, 1, 1, 2, 1, 1, 0, 0]),
         ("spider_discs", [0, 1, 25, 100, 101, 125, 201, 225], [0, 1, 1, 2, 1, 1, 3, 3]),
         ("mmwhs", [0, 205, 420, 421, 500, 550, 600, 820, 850], [0, 1, 2, 2, 3, 4, 5, 6, 7]),
+        ("vessel", [0, 1], [0, 1]),
     ],
 )
 def test_label_maps(name, raw, expected):
@@ -230,10 +233,80 @@ def test_make_datalist_splits(roots, name, tmp_path):
         assert os.path.isabs(item["image"]) and os.path.isfile(item["image"]) and os.path.isfile(item["label"])
     assert first == make_datalist(name, roots[name], seed=0)
     other = make_datalist(name, roots[name], seed=1)
-    assert splits != [ids(other[k]) for k in ("training", "validation", "test")]
+    if get_dataset(name).split_folders:  # the folders are the split, whatever the seed
+        assert splits == [ids(other[k]) for k in ("training", "validation", "test")]
+    else:
+        assert splits != [ids(other[k]) for k in ("training", "validation", "test")]
     assert json.loads(output.read_text()) == first and os.listdir(output.parent) == ["datalist.json"]
     assert load_decathlon_datalist(str(output), data_list_key="validation") == first["validation"]
     assert first["labels"] == {str(i): c for i, c in enumerate(get_dataset(name).classes)}
+
+
+def test_vessel_layout_keeps_its_split_folders(roots):
+    """SMILE-UHURA / StudyForrest layout: the split is the folders', image and label share a name."""
+    root = roots["vessel"]
+    datalist = make_datalist("vessel", root, seed=3)
+    where = {k: [os.path.relpath(item["image"], root) for item in datalist[k]] for k in ("training", "validation", "test")}
+    assert where == {
+        "training": ["train/sub-01.nii.gz", "train/sub-02.nii.gz", "train/sub-03.nii.gz"],
+        "validation": ["validate/sub-04.nii.gz"],
+        "test": ["test/sub-05.nii.gz"],
+    }
+    for item in datalist["training"] + datalist["validation"] + datalist["test"]:
+        folder, name = os.path.split(os.path.relpath(item["label"], root))
+        assert folder in ("train_label", "validate_label", "test_label") and name == os.path.basename(item["image"])
+    assert datalist["labels"] == {"0": "background", "1": "vessel"} and datalist["modality"] == "tof"
+
+
+def test_vessel_layout_without_validate_folder_draws_it_from_train(roots, tmp_path):
+    root = tmp_path / "uhura"
+    shutil.copytree(roots["vessel"], root)
+    shutil.rmtree(root / "validate")
+    shutil.rmtree(root / "validate_label")
+    # .nii files are read as well as .nii.gz; other files are ignored
+    os.rename(root / "train" / "sub-03.nii.gz", root / "train" / "sub-03.nii")
+    nib.save(nib.load(str(root / "train_label" / "sub-03.nii.gz")), str(root / "train_label" / "sub-03.nii"))
+    (root / "train" / "notes.txt").write_text("not an image")
+    datalist = make_datalist("vessel", str(root))
+    names = {k: sorted(os.path.basename(i["image"]) for i in datalist[k]) for k in ("training", "validation", "test")}
+    assert names["test"] == ["sub-05.nii.gz"] and len(names["validation"]) == 1 and len(names["training"]) == 2
+    assert sorted(names["training"] + names["validation"]) == ["sub-01.nii.gz", "sub-02.nii.gz", "sub-03.nii"]
+    assert names == {k: sorted(os.path.basename(i["image"]) for i in make_datalist("vessel", str(root))[k]) for k in names}
+
+
+def test_vessel_image_without_label_and_wrong_folder_are_named(roots, tmp_path):
+    root = tmp_path / "uhura"
+    shutil.copytree(roots["vessel"], root)
+    os.remove(root / "test_label" / "sub-05.nii.gz")
+    with pytest.raises(FileNotFoundError) as e:
+        make_datalist("vessel", str(root))
+    assert str(root / "test" / "sub-05.nii.gz") in str(e.value) and f"expected label {root / 'test_label' / 'sub-05.nii.gz'}" in str(e.value)
+    with pytest.raises(FileNotFoundError) as e:
+        make_datalist("vessel", roots["mmwhs"])
+    assert "{train,validate,test}/*" in str(e.value) and "dataset='mmwhs'" in str(e.value)
+
+
+def test_inference_items_of_the_vessel_layout_are_every_split(roots):
+    from custom_networks.data.datalist import inference_items
+
+    items = [os.path.relpath(i["image"], roots["vessel"]) for i in inference_items(roots["vessel"], "vessel")]
+    assert items == ["train/sub-01.nii.gz", "train/sub-02.nii.gz", "train/sub-03.nii.gz", "validate/sub-04.nii.gz", "test/sub-05.nii.gz"]
+    test_only = inference_items(os.path.join(roots["vessel"], "test"), "vessel")  # a plain folder of images
+    assert [os.path.basename(i["image"]) for i in test_only] == ["sub-05.nii.gz"]
+
+
+def test_generated_vessel_trees_are_thin_connected_and_bright():
+    """Radii 2 mm down to 0.3 mm; the label is one connected tree; vessels are brighter than tissue."""
+    from custom_networks.data.synthetic_datasets import vessel_tree
+    from custom_networks.metrics import count_components
+
+    rng = np.random.RandomState(0)
+    for spacing in ((0.3, 0.3, 0.45), (0.7, 0.7, 1.0)):
+        shape = tuple(int(round(e / s)) for e, s in zip((20.0, 20.0, 16.0), spacing))
+        image, label = vessel_tree(shape, spacing, rng)
+        assert image.shape == label.shape == shape and set(np.unique(label)) == {0, 1}
+        assert 0.005 < label.mean() < 0.1 and count_components(label) <= 2  # a branch may leave and re-enter the view
+        assert image[label == 1].mean() > image[label == 0].mean() + 50
 
 
 def test_find_cases_natural_order(roots):
@@ -315,6 +388,14 @@ def test_datalist_cli_writes_json(roots, tmp_path, monkeypatch, capsys):
     runpy.run_module("custom_networks.data.datalist", run_name="__main__")
     assert "3 training, 1 validation, 1 test (mmwhs, mr)" in capsys.readouterr().out
     assert json.loads(output.read_text()) == make_datalist("mmwhs", roots["mmwhs"], seed=3)
+
+
+def test_datalist_cli_for_the_vessel_layout(roots, tmp_path, monkeypatch, capsys):
+    output = tmp_path / "x.json"
+    monkeypatch.setattr(sys, "argv", ["datalist", "vessel", "--root", roots["vessel"], "--output", str(output)])
+    runpy.run_module("custom_networks.data.datalist", run_name="__main__")
+    assert "3 training, 1 validation, 1 test (vessel, tof)" in capsys.readouterr().out
+    assert json.loads(output.read_text()) == make_datalist("vessel", roots["vessel"])
 
 
 def test_datalist_cli_bad_root_subprocess(tmp_path):

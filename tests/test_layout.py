@@ -1,6 +1,6 @@
 """The package's layers: a module imports only from its own layer or the layers below it.
 
-research / bundle tooling -> pipeline -> data -> nets -> spacing (the shared vocabulary). A module
+research / bundle tooling -> pipeline -> data -> nets, losses, metrics -> spacing (the shared vocabulary). A module
 importing upwards (e.g. ``nets`` from ``pipeline``) would tie the network to the spacing machinery
 and let cycles creep in; the test reads every module's imports, including those inside functions.
 """
@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "custom_networks"
 # rank of each layer: a module may import from layers of equal or lower rank
-RANK = {"spacing": 0, "nets": 1, "data": 2, "pipeline": 3, "checkpoint": 4, "bundle_tools": 4, "research": 5}
+RANK = {"spacing": 0, "nets": 1, "losses": 1, "metrics": 1, "data": 2, "pipeline": 3, "checkpoint": 4, "bundle_tools": 4, "research": 5}
 
 
 def _layer(module: str) -> str:
@@ -63,6 +63,15 @@ def _upward(path: Path, package: Path = PACKAGE) -> list[str]:
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_imports_flow_downwards(path):
     assert not _upward(path), f"{path.relative_to(PACKAGE.parent)} imports from a higher layer: {_upward(path)}"
+
+
+@pytest.mark.parametrize("layer", ["losses", "metrics"])
+def test_losses_and_metrics_import_only_the_spacing_vocabulary(layer):
+    """They sit beside ``nets`` without depending on it: a loss or metric works for any network."""
+    modules = [p for p in MODULES if _layer(_module_name(p)) == layer]
+    assert modules
+    for path in modules:
+        assert {_layer(t) for t in _imports(path)} <= {layer, "spacing"}, path
 
 
 def test_the_checker_sees_an_upward_import(tmp_path):

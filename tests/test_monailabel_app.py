@@ -138,7 +138,7 @@ def untouched(server):
 
 def test_info_lists_every_bundle_with_its_options(server, untouched):
     info = untouched["info"]
-    bundles = {"brats_mri_tumour_segmentation", "spider_mri_spine_segmentation", "mmwhs_mri_heart_segmentation"}
+    bundles = {"brats_mri_tumour_segmentation", "spider_mri_spine_segmentation", "mmwhs_mri_heart_segmentation", "vessel_mra_segmentation"}
     assert set(info["models"]) == bundles | {b + "_interactive" for b in bundles}
     assert {m["type"] for m in info["models"].values()} == {"segmentation", "deepedit"}
     interactive = info["models"][INTERACTIVE]
@@ -146,6 +146,7 @@ def test_info_lists_every_bundle_with_its_options(server, untouched):
     assert interactive["config"]["spacing_policy"][0] == "clamp" and interactive["trained"] is False
     model = info["models"][MODEL]
     assert model["labels"] == {"tumour_core": 1}
+    assert info["models"]["vessel_mra_segmentation"]["labels"] == {"vessel": 1}
     assert model["config"]["spacing_policy"][0] == "clamp" and set(model["config"]["spacing_policy"]) == {"clamp", "native", "target", "auto"}
     assert set(model["config"]) >= {"target_spacing", "memory_budget_gb", "time_budget_s"}
     assert model["config"]["window"] == ["auto", "patch", "whole"]
@@ -414,6 +415,30 @@ def test_an_sdn_checkpoint_is_served_and_fine_tuned_as_the_network_it_holds(tmp_
     assert config.checkpoint_overrides() == {}
     task({"image": image, "spacing_policy": "target", "target_spacing": "2", **SLICER})
     assert type(task._networks["cpu"][0].network).__name__ == "HyperUNet"  # reloaded as the UNet it now holds
+
+
+def test_the_vessel_bundle_is_served_with_its_label_on_the_input_grid(tmp_path):
+    """The vessel bundle through the same infer task: a generated anisotropic ToF volume stored LPS,
+    segmented at a working spacing the request chooses; the label comes back on the input's grid."""
+    sys.path.insert(0, os.path.join(ROOT, "monailabel_app"))
+    try:
+        from lib.configs import HyperSpaceConfig
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    vessel = "vessel_mra_segmentation"
+    config = HyperSpaceConfig()
+    config.init(vessel, str(tmp_path), {"compile": "false"}, None, bundle_path=os.path.join(ROOT, "bundles", vessel), overrides=OVERRIDES)
+    torch.manual_seed(0)
+    torch.save(config.build_network("cpu").state_dict(), config.path)
+    data = write_synthetic_dataset("vessel", str(tmp_path / "data"), n_cases=2, seed=0, spacings=[[0.5, 0.5, 0.8], [0.6, 0.45, 0.5]])
+    image = os.path.join(data, "train", "sub-02.nii.gz")  # the odd case: stored LPS
+    result, out = config.infer()({"image": image, "spacing_policy": "target", "target_spacing": "0.7", **SLICER})
+    label = _assert_same_geometry(result, image)
+    np.testing.assert_allclose(out["working_spacing_mm"], (0.7, 0.7, 0.7))
+    np.testing.assert_allclose(out["native_spacing_mm"], (0.6, 0.45, 0.5), atol=1e-5)
+    assert label.dtype == np.uint8 and set(np.unique(label)) <= {0, 1}
 
 
 def test_a_corrupt_checkpoint_is_named_and_the_previous_model_keeps_serving(server, trained):

@@ -17,6 +17,14 @@ spacing range is
 256 along the spine (about 154 mm at 0.6 mm). The paper's "256x128x48" is the same patch in the
 reversed (z, y, x) order of ``SimpleITK.GetArrayFromImage``.
 
+The vessel data set (``"vessel"``, 7T time-of-flight MR angiography in the SMILE-UHURA /
+StudyForrest layout) is the one whose files come already split: ``train/``, ``validate/`` and
+``test/`` hold the images and ``train_label/``, ``validate_label/``, ``test_label/`` the labels of
+the same file names. Its spec names those folders (``split_folders``), and it is the one data set
+that trains with SPOCKMIP's maximum-intensity-projection loss beside the voxel loss and reports
+clDice and connected components (``loss``, ``mip_*``, ``extra_metrics``); the others keep
+MONAI's ``DiceCELoss`` and Dice alone.
+
 Example::
 
     >>> from custom_networks import HyperUNet
@@ -39,12 +47,16 @@ from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.transforms import EnsureChannelFirstd, LoadImaged, MapTransform, Orientationd
 
+from ..losses import build_loss
+from ..metrics import METRICS
 from ..spacing import PHYSICAL_SPACING_MM, SpacingRange
 
-__all__ = ["DATASETS", "MIN_SIZE", "CheckImaged", "DatasetSpec", "MapLabelsd", "check_image", "format_values", "get_dataset"]
+__all__ = ["DATASETS", "MIN_SIZE", "SPLITS", "CheckImaged", "DatasetSpec", "MapLabelsd", "check_image", "format_values", "get_dataset"]
 
 # fewest voxels per axis of an image to segment: below it no 3x3x3 convolution sees a neighbourhood
 MIN_SIZE = 4
+# the splits of a data list, in the order of the Medical Segmentation Decathlon's JSON
+SPLITS = ("training", "validation", "test")
 
 
 def format_values(values) -> str:
@@ -89,13 +101,24 @@ class DatasetSpec:
         hidden_features: widths of the hypernetwork's spacing MLP.
         zscore_nonzero: z-score over non-zero voxels only (skull-stripped BraTS: the zero outside
             the brain is not tissue).
-        image_template, label_template: file paths relative to the data set root, with ``{case}``
-            and ``{modality}`` placeholders and ``/`` separators.
+        image_template, label_template: file paths relative to the data set root, with ``{case}``,
+            ``{modality}`` and (with ``split_folders``) ``{split}`` placeholders and ``/`` separators.
         case_pattern: regular expression a case id must match (other folders/files are ignored).
+        split_folders: for a data set distributed already split, split name (of :data:`SPLITS`)
+            -> the folder that fills ``{split}`` in the templates, e.g. ``{"training": "train"}``;
+            the data list keeps that split (see :func:`~custom_networks.data.datalist.make_datalist`).
+            Empty: one pool of cases, split reproducibly by the data list.
         evaluation_ranges: named spacing intervals (mm) of the paper's Monte Carlo evaluation
             (Table 2).
         axcodes: orientation the images are brought to before any per-axis value applies.
         default_dir: where a bundle looks for the data set unless told (``--dataset_dir``).
+        loss: the voxel loss of training, a name of :data:`custom_networks.losses.VOXEL_LOSSES`:
+            ``"dice_ce"`` (the paper's DiceCE, every data set but vessels) or ``"focal_tversky"``.
+        mip_weight, mip_axes, mip_slab_mm, mip_temperature: SPOCKMIP's MIP loss beside the voxel
+            loss, ``(1 - mip_weight) * voxel + mip_weight * MIP`` (0: none); the arguments of
+            :func:`custom_networks.losses.build_loss`, which ``train.json`` calls with them.
+        extra_metrics: metrics evaluation reports beside Dice, names of
+            :data:`custom_networks.metrics.METRICS` (e.g. ``"cldice"``).
     """
 
     name: str
@@ -116,11 +139,33 @@ class DatasetSpec:
     evaluation_ranges: Mapping[str, SpacingRange] = field(default_factory=dict)
     axcodes: str = "RAS"
     default_dir: str = ""
+    split_folders: Mapping[str, str] = field(default_factory=dict)
+    loss: str = "dice_ce"
+    mip_weight: float = 0.0
+    mip_axes: str | int | tuple[int, ...] = "all"
+    mip_slab_mm: float | None = None
+    mip_temperature: float | None = None
+    extra_metrics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # read-only views, so that a shared spec cannot be changed by one of its users
         object.__setattr__(self, "label_map", MappingProxyType({int(k): int(v) for k, v in self.label_map.items()}))
         object.__setattr__(self, "evaluation_ranges", MappingProxyType(dict(self.evaluation_ranges)))
+        object.__setattr__(self, "split_folders", MappingProxyType(dict(self.split_folders)))
+        object.__setattr__(self, "extra_metrics", tuple(self.extra_metrics))
+        unknown = [k for k in self.split_folders if k not in SPLITS]
+        if unknown:
+            raise ValueError(f"{self.name}: split_folders names {unknown}; expected splits among {SPLITS}.")
+        for template in (self.image_template, self.label_template):
+            if ("{split}" in template) != bool(self.split_folders):
+                raise ValueError(f"{self.name}: template {template!r} must hold '{{split}}' exactly when split_folders is given.")
+        try:
+            build_loss(self.loss, self.mip_weight, self.mip_axes, self.mip_slab_mm, self.mip_temperature)
+        except ValueError as e:
+            raise ValueError(f"{self.name}: {e}") from None
+        unknown = [m for m in self.extra_metrics if m not in METRICS]
+        if unknown:
+            raise ValueError(f"{self.name}: extra_metrics {unknown} are not known; expected names among {sorted(METRICS)}.")
         dims = self.spacing_range.spatial_dims
         if self.classes[:1] != ("background",):
             raise ValueError(f"{self.name}: classes {self.classes} must start with 'background'.")
@@ -450,6 +495,40 @@ DATASETS: Mapping[str, DatasetSpec] = MappingProxyType(
                 "wide": SpacingRange((0.5, 0.5, 0.5), (3.5, 3.5, 3.5)),
                 "narrow": SpacingRange((0.7, 0.7, 1.0), (1.1, 1.1, 1.4)),
             },
+        ),
+        "vessel": DatasetSpec(
+            name="vessel",
+            description="Vessels from 7T time-of-flight MR angiography (SMILE-UHURA / StudyForrest layout), about 0.3 mm",
+            modality="tof",
+            modalities=("tof",),
+            classes=("background", "vessel"),
+            label_map={0: 0, 1: 1},
+            # 7T ToF is acquired at about 0.3 mm isotropic: finer has no data behind it. Up to 1 mm
+            # per axis covers the clinical 1.5T / 3T ToF slice thicknesses and a working grid 37x
+            # smaller than the native one, while the larger vessels (radius >= 0.5 mm) stay at least
+            # one voxel wide; the thinnest (0.15-0.3 mm) are lost there whatever the model
+            spacing_range=SpacingRange((0.3, 0.3, 0.3), (1.0, 1.0, 1.0)),
+            fs_target_spacing=(0.3, 0.3, 0.3),
+            patch_size=(64, 64, 64),  # SPOCKMIP's patch
+            channels=(16, 32, 64, 128),
+            hidden_features=(10, 10, 50),
+            zscore_nonzero=False,  # ToF MRA is not skull-stripped: its background noise is data
+            # image and label share the file name; .nii and .nii.gz both occur
+            image_template="{split}/{case}",
+            label_template="{split}_label/{case}",
+            case_pattern=r"[^/]+\.nii(?:\.gz)?",
+            split_folders={"training": "train", "validation": "validate", "test": "test"},
+            default_dir="/data/SMILE-UHURA",
+            evaluation_ranges={
+                "wide": SpacingRange((0.3, 0.3, 0.3), (1.0, 1.0, 1.0)),
+                "narrow": SpacingRange((0.3, 0.3, 0.3), (0.4, 0.4, 0.4)),  # near the native 0.3 mm
+            },
+            # SPOCKMIP: focal Tversky 0.7 + MIP focal Tversky 0.3, its better multi-axis variant
+            # (the three full-patch MIPs summed), hard maximum
+            loss="focal_tversky",
+            mip_weight=0.3,
+            mip_axes="all",
+            extra_metrics=("cldice", "components", "extra_components"),
         ),
     }
 )

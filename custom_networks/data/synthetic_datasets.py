@@ -1,6 +1,6 @@
-"""Small generated data sets in the official BraTS 2021, SPIDER and MM-WHS layouts.
+"""Small generated data sets in the official BraTS 2021, SPIDER, MM-WHS and vessel (SMILE-UHURA) layouts.
 
-None of the three data sets can be downloaded here, so the data list, the loaders and the bundles
+None of the four data sets can be downloaded here, so the data list, the loaders and the bundles
 are tested on generated cases that have the real folder layout, file formats, raw label values and
 header conventions, at a size a CPU handles in seconds:
 
@@ -15,6 +15,12 @@ header conventions, at a size a CPU handles in seconds:
 - MM-WHS MR: ``<root>/mr_train/mr_train_10XX_{image,label}.nii.gz``, nested and adjacent ellipsoids
   and tubes with the MM-WHS label values (205 myocardium around the 500 LV cavity, 420 / 421 left
   atrium, 550, 600, 820, 850); odd cases store the axes permuted.
+- Vessels (7T ToF MRA, SMILE-UHURA / StudyForrest layout): ``<root>/{train,validate,test}/sub-NN.nii.gz``
+  and the binary labels (0 / 1) of the same names in ``train_label/``, ``validate_label/``,
+  ``test_label/``: a branching vessel tree (:func:`vessel_tree`, radii 2 mm down to 0.3 mm) bright
+  on a darker background, as inflow makes blood in time-of-flight images. Cases go to the splits
+  as :func:`~custom_networks.data.datalist.split_cases` would size them (5 cases: 3 / 1 / 1);
+  odd cases are stored LPS.
 
 Every structure has its own intensity plus Gaussian noise, so a small network can learn the task.
 Anatomy is drawn in a canonical RAS voxel frame; case ``i`` has the spacing ``SPACINGS[name][i %
@@ -31,7 +37,7 @@ import numpy as np
 
 from .datasets import get_dataset
 
-__all__ = ["SPACINGS", "case_ids", "write_synthetic_dataset"]
+__all__ = ["SPACINGS", "VESSEL_RADIUS_MM", "case_ids", "vessel_tree", "write_synthetic_dataset"]
 
 # native spacing (mm) of case i, in RAS tensor order (axis 0 left-right, 1 back-front, 2 up the body)
 SPACINGS = {
@@ -41,9 +47,13 @@ SPACINGS = {
     "mmwhs": ((0.9, 0.9, 1.2), (1.5, 1.5, 2.0), (1.0, 1.0, 1.0), (1.2, 1.2, 1.6), (0.8, 0.8, 1.4)),
 }
 SPACINGS["spider_discs"] = SPACINGS["spider"]
+# anisotropic, around the 7T ToF's 0.3 mm and up to the coarse end of the vessel spacing range
+SPACINGS["vessel"] = ((0.3, 0.3, 0.45), (0.5, 0.5, 0.8), (0.6, 0.45, 0.5), (0.7, 0.7, 1.0), (0.4, 0.5, 0.6))
 
 # field of view (mm) per RAS axis
-_EXTENT_MM = {"brats": (48.0, 48.0, 32.0), "spider": (40.0, 36.0, 48.0), "mmwhs": (56.0, 56.0, 60.0)}
+_EXTENT_MM = {"brats": (48.0, 48.0, 32.0), "spider": (40.0, 36.0, 48.0), "mmwhs": (56.0, 56.0, 60.0), "vessel": (20.0, 20.0, 16.0)}
+# vessel radii of the generated trees: the root's and the finest branches' (mm)
+VESSEL_RADIUS_MM = (0.3, 2.0)
 
 # stored voxel axis -> (RAS axis, direction): how the array on disk relates to the RAS frame
 _RAS = ((0, 1), (1, 1), (2, 1))
@@ -63,6 +73,8 @@ def case_ids(dataset: str, n_cases: int) -> list[str]:
         return [f"BraTS2021_{2 * i:05d}" for i in range(n_cases)]
     if name.startswith("spider"):
         return [str(1 + 4 * i) for i in range(n_cases)]
+    if name == "vessel":  # StudyForrest's subject names; image and label share the file name
+        return [f"sub-{i + 1:02d}.nii.gz" for i in range(n_cases)]
     return [str(1001 + i) for i in range(n_cases)]
 
 
@@ -238,11 +250,122 @@ def _write_mmwhs(root: str, index: int, case: str, spacing, rng: np.random.Rando
     _save_nifti(os.path.join(folder, f"mr_train_{case}_label.nii.gz"), label, spacing, origin, layout, np.uint16)
 
 
+def _rotated(direction: np.ndarray, angle: float, rng: np.random.RandomState) -> np.ndarray:
+    """``direction`` turned by ``angle`` (radians) towards a random perpendicular direction."""
+    side = np.cross(direction, rng.normal(size=3))
+    side /= np.linalg.norm(side)
+    turned = np.cos(angle) * direction + np.sin(angle) * side
+    return turned / np.linalg.norm(turned)
+
+
+def _tree_segments(extent: np.ndarray, rng: np.random.RandomState, radius_mm: Sequence[float], levels: int = 5) -> list:
+    """Straight pieces ``(start, end, radius)`` (mm) of a vessel tree entering through the left face.
+
+    Level ``k`` of ``levels`` has the radius ``r_max (r_min / r_max) ** (k / (levels - 1))``, so the
+    root has the largest radius and the leaves the smallest. Every branch forks into two children at
+    different angles (the thinner one turning further); each branch is three pieces with a
+    little curvature.
+    """
+    r_min, r_max = float(radius_mm[0]), float(radius_mm[1])
+    start = np.array([0.0, extent[1] * rng.uniform(0.35, 0.65), extent[2] * rng.uniform(0.35, 0.65)])
+    direction = np.array([1.0, rng.uniform(-0.3, 0.3), rng.uniform(-0.3, 0.3)])
+    stack = [(start, direction / np.linalg.norm(direction), 0)]
+    pieces = []
+    while stack:
+        point, direction, level = stack.pop()
+        radius = r_max * (r_min / r_max) ** (level / (levels - 1))
+        length = 0.3 * float(max(extent)) * 0.8**level * rng.uniform(0.8, 1.2)
+        for _ in range(3):
+            direction = direction + rng.normal(0.0, 0.12, 3)
+            direction /= np.linalg.norm(direction)
+            end = point + direction * length / 3
+            pieces.append((point, end, radius))
+            point = end
+        if level + 1 < levels:
+            stack.append((point, _rotated(direction, np.radians(rng.uniform(15, 35)), rng), level + 1))
+            stack.append((point, _rotated(direction, np.radians(rng.uniform(40, 70)), rng), level + 1))
+    return pieces
+
+
+def vessel_tree(
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    rng: np.random.RandomState,
+    radius_mm: Sequence[float] = VESSEL_RADIUS_MM,
+    levels: int = 5,
+    noise: float = 12.0,
+    contrast: float = 150.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A branching vessel tree as a ToF-like image and its binary label, on a grid of ``shape`` at ``spacing`` mm.
+
+    The image is ``100 + contrast * coverage`` plus Gaussian noise (``noise``), ``coverage`` the
+    partial volume of the tubes in each voxel (a ramp one mean voxel size wide across the wall), so a
+    vessel thinner than a voxel is dimmer, as in a real acquisition. The label marks the voxels whose
+    centre lies within ``max(radius, half the voxel diagonal)`` of a centreline: a vessel thinner
+    than a voxel is still one connected line of voxels, as an annotator draws it.
+
+    Args:
+        shape: voxels per axis (RAS order, voxel centre ``i`` at ``i * spacing`` mm).
+        spacing: mm per axis.
+        rng: draws the tree and the noise.
+        radius_mm: ``(finest, root)`` radii in mm; the levels in between are spaced geometrically.
+        levels: tree depth: ``2 ** levels - 1`` branches.
+
+    Returns:
+        ``(image, label)``: ``float32`` and ``uint8`` (0 / 1) arrays of ``shape``.
+    """
+    spacing = np.asarray(spacing, float)
+    shape = tuple(int(n) for n in shape)
+    extent = np.asarray(shape) * spacing
+    coverage = np.zeros(shape, np.float32)
+    label = np.zeros(shape, bool)
+    half_diagonal = 0.5 * float(np.linalg.norm(spacing))
+    ramp = float(spacing.mean())
+    for a, b, radius in _tree_segments(extent, rng, radius_mm, levels):
+        reach = max(radius, half_diagonal) + ramp
+        lo = np.maximum(np.floor((np.minimum(a, b) - reach) / spacing).astype(int), 0)
+        hi = np.minimum(np.ceil((np.maximum(a, b) + reach) / spacing).astype(int) + 1, shape)
+        if np.any(hi <= lo):
+            continue  # the piece lies outside the field of view
+        window = tuple(slice(l, h) for l, h in zip(lo, hi))
+        x, y, z = np.meshgrid(*[np.arange(l, h) * s for l, h, s in zip(lo, hi, spacing)], indexing="ij")
+        points = np.stack([x, y, z], -1)
+        ab = b - a
+        t = np.clip(((points - a) @ ab) / max(float(ab @ ab), 1e-12), 0.0, 1.0)
+        distance = np.linalg.norm(points - (a + t[..., None] * ab), axis=-1)
+        label[window] |= distance <= max(radius, half_diagonal)
+        coverage[window] = np.maximum(coverage[window], np.clip((radius - distance) / ramp + 0.5, 0.0, 1.0))
+    image = _noisy(100.0 + contrast * coverage, rng, noise).astype(np.float32)
+    return image, label.astype(np.uint8)
+
+
+def _vessel_split_folder(index: int, n_cases: int) -> str:
+    """The split folder of case ``index``: the first cases train, then validate, then test, sized as
+    :func:`~custom_networks.data.datalist.split_cases` sizes its splits (all train below 3 cases)."""
+    n_test = max(1, int(round(0.1 * n_cases))) if n_cases >= 3 else 0
+    n_val = max(1, int(round(0.2 * n_cases))) if n_cases >= 3 else 0
+    if index < n_cases - n_val - n_test:
+        return "train"
+    return "validate" if index < n_cases - n_test else "test"
+
+
+def _write_vessel(root: str, index: int, case: str, spacing, rng: np.random.RandomState, n_cases: int = 1) -> None:
+    image, label = vessel_tree(_shape(_EXTENT_MM["vessel"], spacing), spacing, rng)
+    image = np.clip(image, 0.0, None)
+    folder = _vessel_split_folder(index, n_cases)
+    origin = (-10.0 + index, -20.0 - index, 30.0 + 2.0 * index)
+    layout = _RAS if index % 2 == 0 else _LPS
+    for sub, array, dtype in ((folder, image, np.int16), (folder + "_label", label, np.uint8)):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+        _save_nifti(os.path.join(root, sub, case), array, spacing, origin, layout, dtype)
+
+
 _WRITERS: dict[str, Callable] = {
     "brats": _write_brats,
     "spider": _write_spider,
     "spider_discs": _write_spider,
     "mmwhs": _write_mmwhs,
+    "vessel": _write_vessel,
 }
 
 
@@ -250,7 +373,8 @@ def write_synthetic_dataset(dataset: str, root: str, n_cases: int = 5, seed: int
     """Write ``n_cases`` generated cases of ``dataset`` in its official layout under ``root``.
 
     Args:
-        dataset: ``"brats"``, ``"spider"`` (also ``"spider_discs"``: the same files) or ``"mmwhs"``.
+        dataset: ``"brats"``, ``"spider"`` (also ``"spider_discs"``: the same files), ``"mmwhs"``
+            or ``"vessel"``.
         root: the data set folder (created; existing files of the same names are overwritten).
         n_cases: number of cases; ids from :func:`case_ids`, spacings from :data:`SPACINGS` (cycled).
         seed: draws anatomy and noise.
@@ -270,7 +394,8 @@ def write_synthetic_dataset(dataset: str, root: str, n_cases: int = 5, seed: int
     if not spacings or any(len(s) != 3 or min(s) <= 0 for s in spacings):
         raise ValueError(f"spacings {spacings!r} must be a list of positive (x, y, z) spacings in mm.")
     for i, case in enumerate(case_ids(spec.name, int(n_cases))):
-        _WRITERS[spec.name](root, i, case, np.asarray(spacings[i % len(spacings)], float), rng)
+        extra = {"n_cases": int(n_cases)} if spec.name == "vessel" else {}  # the split folder depends on the count
+        _WRITERS[spec.name](root, i, case, np.asarray(spacings[i % len(spacings)], float), rng, **extra)
     return root
 
 
