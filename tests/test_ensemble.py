@@ -200,3 +200,13 @@ def test_inferer_output_is_the_log_mean_and_the_disagreement_of_the_looks():
         ensemble(image.as_tensor()[None], Threshold())
     with pytest.raises(ValueError, match="one image"):
         ensemble(torch.zeros(2, 1, 8, 8, 8), Threshold(), spacing=torch.ones(2, 3))
+
+
+def test_inferer_report_is_filled_for_the_caller():
+    image, _ = ball_image(oblique=False)
+    report = {}
+    SpacingEnsembleInferer(WINDOW, DEFAULT_FACTORS, RANGE, disagreement=False)(
+        image.as_tensor()[None], Threshold(), spacing=torch.tensor([[1.0, 1.1, 1.0]]), report=report
+    )
+    assert report["spacings"] == [[1.0, 1.1, 1.0], [1.25, 1.375, 1.25], [1.5, 1.65, 1.5]]
+    assert len(report["seconds_per_look"]) == 3 and report["score"] > 0.0

@@ -12,6 +12,7 @@ fixture, for the tests that need labels and weights.
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -150,6 +151,7 @@ def test_info_lists_every_bundle_with_its_options(server, untouched):
     assert model["config"]["spacing_policy"][0] == "clamp" and set(model["config"]["spacing_policy"]) == {"clamp", "native", "target", "auto"}
     assert set(model["config"]) >= {"target_spacing", "memory_budget_gb", "time_budget_s"}
     assert model["config"]["window"] == ["auto", "patch", "whole"]
+    assert model["config"]["spacing_ensemble"] is False
     # only types Slicer's options panel can show
     assert all(isinstance(v, (bool, int, float, str, list)) for v in model["config"].values())
     assert model["trained"] is False and "Not trained yet" in model["description"]
@@ -179,6 +181,7 @@ def test_infer_without_weights_says_how_to_get_them(untouched):
         (MODEL, "case0", {"spacing_policy": "target", "target_spacing": "a,b,c"}, 400, "'a,b,c' is not numeric"),
         (MODEL, "case0", {"spacing_policy": "auto", "time_budget_s": "soon"}, 400, "time_budget_s 'soon' is not a number"),
         (MODEL, "case0", {"window": "tiles"}, 400, "window 'tiles' is not one of"),
+        (MODEL, "case0", {"spacing_ensemble": "maybe"}, 400, "spacing_ensemble 'maybe' is not true or false"),
         (MODEL, "corrupt", {}, 415, "corrupt.nii.gz' is not an image this server can read"),
         (MODEL, "nan", {}, 422, "has 1 NaN or infinite voxel(s)"),
         (MODEL, "tiny", {}, 422, "expected at least 4 voxels on every axis"),
@@ -261,6 +264,7 @@ def test_annotate_train_and_segment(server, trained):
         ({"spacing_policy": "clamp", "window": "whole"}, lambda native: tuple(min(max(s, 1.0), 3.0) for s in native)),  # BraTS: 1-3 mm
         ({"spacing_policy": "target", "target_spacing": "2,2,2.5"}, lambda native: (2.0, 2.0, 2.5)),
         ({"spacing_policy": "auto", "time_budget_s": 60}, None),
+        ({"spacing_policy": "clamp", "spacing_ensemble": True}, lambda native: tuple(min(max(s, 1.0), 3.0) for s in native)),
     ]
     for image_id, name, native in cases:
         for params, expected in modes:
@@ -278,6 +282,13 @@ def test_annotate_train_and_segment(server, trained):
             # outside BraTS's trained 1-3 mm (thick slices in native mode) the result says so
             assert out["trained_spacing_range_mm"] == "1,3"
             assert out["extrapolated"] is (not all(1.0 <= s <= 3.0 for s in out["working_spacing_mm"]))
+            if params.get("spacing_ensemble"):  # looks at 1x, 1.25x, 1.5x of the working spacing, in 1-3 mm
+                looks = out["spacing_ensemble"]
+                assert looks["spacings"][0] == out["working_spacing_mm"] and 2 <= len(looks["spacings"]) <= 3
+                assert all(1.0 <= v <= 3.0 for spacing in looks["spacings"] for v in spacing)
+                assert len(looks["seconds_per_look"]) == len(looks["spacings"]) and 0.0 <= looks["score"] <= math.log(2)
+            else:
+                assert "spacing_ensemble" not in out
             if params["spacing_policy"] == "auto":
                 assert out["auto"]["fits"] is True and out["auto"]["predicted_seconds"] <= 60
                 assert out["working_spacing_mm"] == out["auto"]["spacing"]

@@ -220,7 +220,9 @@ class SpacingEnsembleInferer(Inferer):
         self.trained_range = None if trained_range is None else SpacingRange.from_config(trained_range)
         self.disagreement = bool(disagreement)
 
-    def __call__(self, inputs: torch.Tensor, network, *args, spacing=None, **kwargs) -> torch.Tensor:
+    def __call__(self, inputs: torch.Tensor, network, *args, spacing=None, report: dict | None = None, **kwargs) -> torch.Tensor:
+        """``report``: a dict of the caller's, filled with ``"spacings"``, ``"seconds_per_look"``
+        and the image ``"score"`` (nothing is kept on the inferer)."""
         if inputs.dim() < 3 or inputs.shape[0] != 1:
             raise ValueError(f"SpacingEnsembleInferer takes one image (1, C, *spatial), got shape {tuple(inputs.shape)}.")
         dims = inputs.dim() - 2
@@ -229,8 +231,9 @@ class SpacingEnsembleInferer(Inferer):
         working = tuple(float(v) for v in torch.as_tensor(spacing, dtype=torch.float64).reshape(-1, dims)[0])
         shape = tuple(int(v) for v in inputs.shape[2:])
         src = inputs[0].as_tensor() if isinstance(inputs, MetaTensor) else inputs[0]
-        looks = _Looks()
-        for s in ensemble_spacings(working, self.trained_range, self.factors):
+        looks, spacings, seconds = _Looks(), ensemble_spacings(working, self.trained_range, self.factors), []
+        for s in spacings:
+            start = time.perf_counter()
             look_shape, factor = working_grid(shape, working, s)
             if all(float(f) == 1.0 for f in factor):
                 x = src
@@ -241,7 +244,10 @@ class SpacingEnsembleInferer(Inferer):
             logits = self.window(x[None].to(src.dtype), network, *args, spacing=s_tensor, **kwargs)[0]
             probs = torch.softmax(logits.float(), 0)
             looks.add(_resample_probs(probs, factor, shape))
-        mean, disagreement, _ = looks.result()
+            seconds.append(round(time.perf_counter() - start, 3))
+        mean, disagreement, score = looks.result()
+        if report is not None:
+            report.update(spacings=[list(v) for v in spacings], seconds_per_look=seconds, score=round(score, 6))
         out = torch.log(mean.clamp_min(1e-12))
         if self.disagreement:
             out = torch.cat([out, disagreement[None]], 0)

@@ -13,6 +13,10 @@ Options in Slicer's options panel (``config``):
   (default: ``whole`` when its predicted peak memory fits ``memory_budget_gb``).
 - ``memory_budget_gb``, ``time_budget_s``: the budgets of ``auto`` (``<= 0``: no limit). Memory
   is GPU memory on CUDA and the process's RAM on the CPU.
+- ``spacing_ensemble``: ``true`` runs the model at the working spacing and at 1.25x and 1.5x of
+  it (in the trained range) and returns the label of the mean probability; ``params`` then hold
+  ``spacing_ensemble``: the spacings, the seconds per look and the image's disagreement score
+  (mean mutual information over the foreground, nats; see :mod:`custom_networks.pipeline.ensemble`).
 
 The label comes back on the input's own grid (shape, spacing, origin, direction): the bundle's
 preprocessing is inverted with MONAI's ``Invertd``. The result's JSON ``params`` say what happened:
@@ -35,11 +39,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from fastapi import HTTPException
 from monai.transforms import SqueezeDimd
+from monai.utils import str2bool
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 from monailabel.utils.others.generic import name_to_device
 
 from custom_networks.pipeline.cost import BudgetSpacing, InferenceCost
+from custom_networks.pipeline.ensemble import DEFAULT_FACTORS, SpacingEnsembleInferer
 from custom_networks.pipeline.compiled import UNetEngine
 from custom_networks.data.fileio import write_label
 from custom_networks.pipeline.interactive import ClickError
@@ -54,6 +60,7 @@ WINDOW_MODES = ("auto", "patch", "whole")
 logger = logging.getLogger(__name__)
 _PRE = "hyperspace_preprocessing"
 _WINDOW = "hyperspace_window"
+_ENSEMBLE = "hyperspace_spacing_ensemble"
 # where SpacingPolicyd finds the request's start (time.perf_counter()), so that auto's budget
 # covers reading the image too
 _START = "request_start"
@@ -133,6 +140,7 @@ class HyperSpaceSegmentation(BasicInferTask):
                 "window": list(WINDOW_MODES),
                 "memory_budget_gb": float(memory_budget_gb),
                 "time_budget_s": float(time_budget_s),
+                "spacing_ensemble": False,
             },
         )
         self.overlap = float(inferer.overlap)
@@ -182,6 +190,11 @@ class HyperSpaceSegmentation(BasicInferTask):
         options["window"] = window
         options["memory_budget_gb"] = _budget(data, "memory_budget_gb", self._config["memory_budget_gb"])
         options["time_budget_s"] = _budget(data, "time_budget_s", self._config["time_budget_s"])
+        ensemble = _option(data, "spacing_ensemble", False)
+        try:
+            options["spacing_ensemble"] = ensemble if isinstance(ensemble, bool) else str2bool(str(ensemble).strip())
+        except ValueError:
+            raise HTTPException(400, f"spacing_ensemble {data.get('spacing_ensemble')!r} is not true or false.") from None
         return options
 
     # --- the pipeline ---------------------------------------------------------------------------
@@ -242,9 +255,15 @@ class HyperSpaceSegmentation(BasicInferTask):
             divisor = int(getattr(network.layout, "divisor", 1) or 1)
             inferer.roi_size = tuple(-(-s // divisor) * divisor for s in shape)
         data[_WINDOW] = window
+        extra = {}
+        if options["spacing_ensemble"]:
+            # looks at the working spacing and 1.25x / 1.5x of it, in the trained range; the
+            # output is log(mean probability), which the way back's softmax turns into the mean
+            inferer = SpacingEnsembleInferer(inferer, DEFAULT_FACTORS, self.trained_range, disagreement=False)
+            extra["report"] = data[_ENSEMBLE] = {}
         # bf16, as UNetEngine's compiled path: one autocast dtype for the whole forward
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=str(device).startswith("cuda")):
-            outputs = inferer(inputs, network, spacing=spacing)
+            outputs = inferer(inputs, network, spacing=spacing, **extra)
         # probabilities go back to the CPU: the inversion to the native grid needs no GPU memory
         data[self.output_label_key] = outputs[0].float().cpu()
         return data
@@ -280,6 +299,8 @@ class HyperSpaceSegmentation(BasicInferTask):
         # extrapolate: say so, with the range
         result["extrapolated"] = not self.trained_range.contains(result["working_spacing_mm"])
         result["trained_spacing_range_mm"] = self.trained_range.to_string()
+        if _ENSEMBLE in data:
+            result["spacing_ensemble"] = data[_ENSEMBLE]
         if "predicted_seconds" in decision:
             result["auto"] = {k: v for k, v in decision.items() if k not in ("policy", "native_spacing")}
         return label, result
