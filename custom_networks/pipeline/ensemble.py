@@ -36,7 +36,7 @@ from monai.utils import TraceKeys, str2bool
 
 from ..spacing import SpacingRange, parse_spacing
 from .chain import run_network
-from .resample import antialias_sigma, resample_axes, resample_to_native, working_grid
+from .resample import resample_to_native
 from .transforms import SpacingPolicyd
 
 __all__ = [
@@ -97,37 +97,47 @@ def mutual_information(mean_probs: torch.Tensor, mean_entropy: torch.Tensor) -> 
     return (_entropy(mean_probs) - mean_entropy).clamp_min(0.0)
 
 
-class _Looks:
-    """Running sums of the looks on one reference grid (created per call, never shared)."""
+def _like(image: MetaTensor, x: torch.Tensor) -> MetaTensor:
+    """``x`` ``(C', *spatial)`` with ``image``'s affine, metadata and applied operations."""
+    out = MetaTensor(x, affine=image.affine.clone(), meta={k: v for k, v in image.meta.items() if k != "affine"})
+    out.applied_operations = list(image.applied_operations)
+    return out
 
-    def __init__(self):
-        self.total = self.entropy = self.foreground = None
-        self.count = 0
 
-    def add(self, probs: torch.Tensor) -> None:
-        """One look's probabilities ``(C, *reference)``."""
-        entropy, foreground = _entropy(probs), probs.argmax(0) != 0
-        if self.total is None:
-            self.total, self.entropy, self.foreground = probs.clone(), entropy, foreground
+def _run_looks(image: MetaTensor, spacings: Sequence[Sequence[float]], run) -> tuple[torch.Tensor, torch.Tensor, float, list]:
+    """The looks of ``image`` ``(C_in, *shape)`` (a MetaTensor whose affine gives its spacing) and
+    their combination on its own grid.
+
+    Each look resamples ``image`` to spacing ``s`` with :meth:`SpacingPolicyd.resample` (the
+    pipeline's one resampler), calls ``run(x, s)`` for the class scores ``(C, *look)`` there and
+    brings their softmax back to ``image``'s grid. Returns the mean probabilities ``(C, *shape)``,
+    the disagreement ``(*shape)`` (nats), the score (mean disagreement over the voxels that the
+    mean or any look calls foreground; 0 without any) and the seconds per look.
+    """
+    shape = tuple(int(v) for v in image.shape[1:])
+    resampler = SpacingPolicyd("image")  # resample() records on its output only; one per call anyway
+    total = entropy = foreground = None
+    seconds = []
+    for s in spacings:
+        start = time.perf_counter()
+        x = resampler.resample(image, s)
+        factor = x.applied_operations[-1][TraceKeys.EXTRA_INFO]["factor"]
+        probs = torch.softmax(run(x, s).float(), 0)
+        if not (all(float(f) == 1.0 for f in factor) and tuple(probs.shape[1:]) == shape):
+            probs = resample_to_native(probs, factor, shape)
+        if total is None:
+            total, entropy, foreground = probs.clone(), _entropy(probs), probs.argmax(0) != 0
         else:
-            self.total += probs
-            self.entropy += entropy
-            self.foreground |= foreground
-        self.count += 1
-
-    def result(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Mean probabilities ``(C, *reference)``, disagreement ``(*reference)`` (nats) and the score."""
-        mean = self.total / float(self.count)
-        disagreement = mutual_information(mean, self.entropy / float(self.count))
-        foreground = self.foreground | (mean.argmax(0) != 0)
-        score = float(disagreement[foreground].mean()) if bool(foreground.any()) else 0.0
-        return mean, disagreement, score
-
-
-def _resample_probs(probs: torch.Tensor, factor: Sequence[float], shape: Sequence[int]) -> torch.Tensor:
-    if all(float(f) == 1.0 for f in factor) and tuple(probs.shape[1:]) == tuple(shape):
-        return probs
-    return resample_to_native(probs, factor, shape)
+            total += probs
+            entropy += _entropy(probs)
+            foreground |= probs.argmax(0) != 0
+        del probs, x
+        seconds.append(round(time.perf_counter() - start, 3))
+    mean = total / float(len(spacings))
+    disagreement = mutual_information(mean, entropy / float(len(spacings)))
+    foreground |= mean.argmax(0) != 0
+    score = float(disagreement[foreground].mean()) if bool(foreground.any()) else 0.0
+    return mean, disagreement, score, seconds
 
 
 def spacing_ensemble(
@@ -161,27 +171,12 @@ def spacing_ensemble(
     spacings = [parse_spacing(list(s), image.dim() - 1, what="ensemble spacing") for s in spacings]
     if not spacings:
         raise ValueError("spacings is empty: give at least one working spacing (mm).")
-    native_shape = tuple(int(v) for v in image.shape[1:])
-    looks, seconds = _Looks(), []
-    for s in spacings:
-        start = time.perf_counter()
-        look = SpacingPolicyd("image", policy="target", target_spacing=list(s))({"image": image})
-        factor = look["image"].applied_operations[-1][TraceKeys.EXTRA_INFO]["factor"]
-        probs = torch.softmax(run_network(network, window, look, device), 0)
-        looks.add(_resample_probs(probs, factor, native_shape))
-        del probs, look
-        seconds.append(round(time.perf_counter() - start, 3))
-    mean, disagreement, score = looks.result()
-    labels = mean.argmax(0)
-
-    def like_image(x: torch.Tensor) -> MetaTensor:
-        out = MetaTensor(x[None], affine=image.affine.clone(), meta={k: v for k, v in image.meta.items() if k != "affine"})
-        out.applied_operations = list(image.applied_operations)
-        return out
-
+    mean, disagreement, score, seconds = _run_looks(
+        image, spacings, lambda x, s: run_network(network, window, {"image": x, "spacing": s}, device)
+    )
     return {
-        "label": like_image(labels.to(torch.uint8)),
-        "disagreement": like_image(disagreement.float()),
+        "label": _like(image, mean.argmax(0).to(torch.uint8)[None]),
+        "disagreement": _like(image, disagreement.float()[None]),
         "score": score,
         "spacings": [list(s) for s in spacings],
         "seconds_per_look": seconds,
@@ -229,23 +224,15 @@ class SpacingEnsembleInferer(Inferer):
         if spacing is None:
             raise ValueError("SpacingEnsembleInferer needs the working spacing: call it with spacing=(1, D) mm.")
         working = tuple(float(v) for v in torch.as_tensor(spacing, dtype=torch.float64).reshape(-1, dims)[0])
-        shape = tuple(int(v) for v in inputs.shape[2:])
         src = inputs[0].as_tensor() if isinstance(inputs, MetaTensor) else inputs[0]
-        looks, spacings, seconds = _Looks(), ensemble_spacings(working, self.trained_range, self.factors), []
-        for s in spacings:
-            start = time.perf_counter()
-            look_shape, factor = working_grid(shape, working, s)
-            if all(float(f) == 1.0 for f in factor):
-                x = src
-            else:
-                coords = [np.arange(m) * f for m, f in zip(look_shape, factor)]
-                x = resample_axes(src.float(), coords, antialias_sigma(working, s), "bilinear", padding="border")
+        image = MetaTensor(src, affine=torch.diag(torch.tensor([*working, 1.0], dtype=torch.float64)))
+        spacings = ensemble_spacings(working, self.trained_range, self.factors)
+
+        def run(x: MetaTensor, s) -> torch.Tensor:
             s_tensor = torch.tensor([s], dtype=torch.float32, device=src.device)
-            logits = self.window(x[None].to(src.dtype), network, *args, spacing=s_tensor, **kwargs)[0]
-            probs = torch.softmax(logits.float(), 0)
-            looks.add(_resample_probs(probs, factor, shape))
-            seconds.append(round(time.perf_counter() - start, 3))
-        mean, disagreement, score = looks.result()
+            return self.window(x.as_tensor()[None].to(src.dtype), network, *args, spacing=s_tensor, **kwargs)[0]
+
+        mean, disagreement, score, seconds = _run_looks(image, spacings, run)
         if report is not None:
             report.update(spacings=[list(v) for v in spacings], seconds_per_look=seconds, score=round(score, 6))
         out = torch.log(mean.clamp_min(1e-12))
@@ -278,9 +265,7 @@ class SplitDisagreementd(MapTransform):
             if pred.shape[0] < 3:
                 raise ValueError(f"{key} has {pred.shape[0]} channels; expected classes + 1 disagreement channel.")
             values = pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)
-            disagreement = MetaTensor(values[-1:].float(), affine=image.affine.clone(), meta={k: v for k, v in image.meta.items() if k != "affine"})
-            disagreement.applied_operations = list(image.applied_operations)
-            d[key], d[self.disagreement_key] = pred[:-1], disagreement
+            d[key], d[self.disagreement_key] = pred[:-1], _like(image, values[-1:].float())
         return d
 
 
