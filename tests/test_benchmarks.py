@@ -70,3 +70,11 @@ def test_bench_pipeline_writes_the_stage_memory_and_auto_tables(tmp_path):
     assert re.search(rf"^\| 8 \| smooth random logits \(no 8-class network run\) \| [\d.]+ % \| new \| {time} \| \d+ MB \| [\d.]+ \| (yes|no) \|", text, re.M), text
     assert re.search(rf"^\| 20 s \| [\d.x]+ mm \| [\dx]+ \| [\d.]+ s \| [\d.]+ s \|", text, re.M), text
     assert "hardware: " in text and (tmp_path / "bench_pipeline.csv").read_text().startswith("table,case,pipeline,item,value,unit")
+
+
+def test_bench_occupancy_prints_memory_of_each_way_to_the_native_grid():
+    out = _run("benchmarks/bench_occupancy.py", "--device", "cpu", "--extent_mm", "[16,16,12]", "--train_steps", "1")
+    for kind in ("unet_upsampled", "unet_fused", "occupancy"):
+        assert re.search(rf"\| {kind} \| [\d.]+ s \| [\d.]+ GiB \| ", out), out
+    assert re.search(r"\| occupancy \| [\d.]+ s \| [\d.]+ GiB \| [\d.]+% \| [\d.]+ \|", out), out
+    assert re.search(r"occupancy / unet_upsampled peak memory: [\d.]+; time: [\d.]+", out), out

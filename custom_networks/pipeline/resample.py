@@ -37,6 +37,7 @@ __all__ = [
     "labels_to_native",
     "resample_axes",
     "resample_to_native",
+    "resample_to_spacing",
     "working_grid",
 ]
 
@@ -179,6 +180,19 @@ def resample_axes(
     for a in order:
         out = _apply_axis(out, a + 1, ops[a])
     return out.contiguous()
+
+
+def resample_to_spacing(src: torch.Tensor, native: Sequence[float], target: Sequence[float], mode: str = "bilinear") -> tuple[torch.Tensor, tuple[float, ...]]:
+    """``src`` ``(C, *S)`` at ``native`` mm to the working grid of ``target`` mm (:func:`working_grid`),
+    anti-aliased where an axis shrinks, border padding; returns the image and ``factor``
+    (``target / native`` per axis; the working affine is ``native_affine @ diag(factor, 1)``).
+    ``src`` itself comes back (factor 1) when the spacings are the same."""
+    out_shape, factor = working_grid(src.shape[1:], native, target)
+    if all(abs(f - 1.0) <= 1e-6 for f in factor):
+        return src, (1.0,) * len(factor)
+    coords = [np.arange(m) * f for m, f in zip(out_shape, factor)]
+    sigma = antialias_sigma(native, target) if mode == "bilinear" else None
+    return resample_axes(src if mode == "nearest" else src.float(), coords, sigma, mode, padding="border"), factor
 
 
 def _native_positions(native_shape: Sequence[int], factor: Sequence[float], working_shape: Sequence[int]) -> list[np.ndarray]:

@@ -29,7 +29,7 @@ from monai.data.utils import affine_to_spacing
 from monai.transforms import Compose, InvertibleTransform, MapTransform, Randomizable
 from monai.utils import TraceKeys, ensure_tuple_rep
 
-from .resample import antialias_sigma, labels_to_native, resample_axes, resample_to_native, working_grid
+from .resample import antialias_sigma, labels_to_native, resample_axes, resample_to_native, resample_to_spacing
 from ..spacing import SpacingRange, parse_spacing, working_spacing
 
 __all__ = ["NativeLabelsd", "RandSpacingPatchd", "SpacingPolicyd", "antialias_sigma", "image_spacing", "zscore_stats"]
@@ -356,14 +356,11 @@ class SpacingPolicyd(MapTransform, InvertibleTransform):
             img = MetaTensor(img)
         native = image_spacing(img)
         shape = tuple(img.shape[1:])
-        out_shape, factor = working_grid(shape, native, target)
         src = img.as_tensor()
         if _same_spacing(native, target):
             out, factor = src, (1.0,) * len(native)
         else:
-            coords = [np.arange(m) * f for m, f in zip(out_shape, factor)]
-            sigma = antialias_sigma(native, target) if mode == "bilinear" else None
-            out = resample_axes(src if mode == "nearest" else src.float(), coords, sigma, mode, padding="border")
+            out, factor = resample_to_spacing(src, native, target, mode)
         native_affine = img.affine.to(torch.float64)
         affine = native_affine @ torch.diag(torch.tensor([*factor, 1.0], dtype=torch.float64))
         result = MetaTensor(out, affine=affine, meta={k: v for k, v in img.meta.items() if k != "affine"})
