@@ -188,6 +188,38 @@ def test_sdn_unet_trains_one_epoch_and_infers_in_the_input_geometry(trained, tmp
         assert int(np.asarray(seg.dataobj).max()) < len(_classes(name))
 
 
+@pytest.mark.parametrize("trained", ["brats"], indirect=True)  # the occupancy option is the BraTS bundle's
+def test_occupancy_decoder_trains_and_writes_native_labels_in_the_input_geometry(trained, tmp_path):
+    """``train_occupancy.json`` / ``inference_occupancy.json``: the HyperSpace encoder at 2 mm and the
+    occupancy decoder on each input's own grid. The labels equal the library's ``occupancy_labels``
+    on the oriented image, voxel for voxel (a mirrored or transposed result would not)."""
+    from monai.transforms import Compose, NormalizeIntensityd
+
+    from custom_networks.nets.occupancy import OccupancyNetwork
+    from custom_networks.pipeline.occupancy import occupancy_labels
+
+    name, data, _ = trained
+    root, out = str(tmp_path / "occupancy"), str(tmp_path / "pred")
+    run_bundle(name, "training", ["train.json", "train_occupancy.json"], "--dataset_dir", data, "--bundle_root", root,
+               "--epochs", "1", "--val_interval", "1", "--num_workers", "0", "--batch_size", "2", "--num_points", "2048")
+    state = torch.load(os.path.join(root, "models", "model_occupancy.pt"), map_location="cpu")
+    net = OccupancyNetwork(in_channels=1, out_channels=2, channels=(8, 16), hidden_features=get_dataset(name).hidden_features)
+    net.load_state_dict(state)
+    image = _images(name, data)[0]
+    run_bundle(name, "inference", ["inference.json", "inference_occupancy.json"], "--dataset_dir", data, "--bundle_root", root,
+               "--output_dir", out, "--datalist#input", image, "--spacing_policy", "target", "--target_spacing", "2,2,2")
+    seg = nib.load(os.path.join(out, _stem(image) + "_seg.nii.gz"))
+    shape, affine = _geometry(image)
+    assert seg.shape == shape and seg.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(seg.affine, affine, atol=1e-4)
+    spec = get_dataset(name)
+    load = Compose(spec.load_transforms(["image"], None) + [NormalizeIntensityd("image", nonzero=spec.zscore_nonzero, channel_wise=True)])
+    oriented = load({"image": image})["image"]
+    expected, _ = occupancy_labels(net, oriented, spacing=(2.0, 2.0, 2.0))
+    written = Compose(spec.load_transforms(["image"], None))({"image": os.path.join(out, _stem(image) + "_seg.nii.gz")})["image"]
+    assert torch.equal(written.as_tensor().to(torch.uint8), expected.as_tensor()), "the written label is not the decoded one"
+
+
 @pytest.mark.parametrize("trained", ["brats"], indirect=True)  # packing is the same for every bundle
 def test_packed_zip_trains_infers_and_passes_monai_checks_outside_the_repository(trained, tmp_path):
     """A shared bundle needs only the requirements: unzip it away from this checkout, then train one
@@ -274,6 +306,8 @@ def test_config_workflows_have_the_bundle_properties(name, tmp_path):
     meta = os.path.join(bundle_dir(name), "configs", "metadata.json")
     configs = [(["train.json"], "train"), (["inference.json"], "infer"),
                (["train.json", "train_interactive.json"], "train"), (["inference.json", "inference_interactive.json"], "infer")]
+    if name == "brats":  # the occupancy decoder's overrides
+        configs += [(["train.json", "train_occupancy.json"], "train"), (["inference.json", "inference_occupancy.json"], "infer")]
     for config, kind in configs:
         workflow = ConfigWorkflow(
             config_file=[os.path.join(bundle_dir(name), "configs", c) for c in config],

@@ -8,6 +8,8 @@
   the device to its working spacing, encoded there, and queried at its points; the loss is the
   engine's ``loss_function`` on the points plus ``aux_weight`` times the same loss on the encoder's
   coarse prediction against the label on the working grid.
+- :class:`OccupancyInferer`: that inference as a MONAI inferer for the bundles' evaluators, the
+  encoder spacing chosen per image by a spacing policy (``clamp``, ``native``, ``target``).
 - :func:`occupancy_labels`: coarse-to-fine inference (OSS-Net's fast inference) on the native grid:
   every ``strides[0]``-th voxel is queried, then at each finer stride only the voxels of cells
   next to a label change, in chunks. The output is a ``uint8`` label map of the native grid.
@@ -27,13 +29,15 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.engines.utils import IterationEvents
+from monai.inferers import Inferer
 from monai.utils import CommonKeys
 
 from ..nets.occupancy import OccupancyNetwork
-from ..spacing import SpacingRange
+from ..spacing import SpacingRange, working_spacing
 from .resample import resample_to_spacing
 
 __all__ = [
+    "OccupancyInferer",
     "OccupancyTrainStep",
     "PrepareBatchOccupancy",
     "boundary_band",
@@ -133,7 +137,7 @@ class PrepareBatchOccupancy:
     """``prepare_batch`` of the occupancy step: native crops, their affines, working spacings.
 
     Returns ``(images, labels, (), {"affine": (B, D + 1, D + 1), "working_spacing": (B, D) | None})``
-    (MONAI's four-part form). ``working_spacing`` is the batch's ``spacing_key`` entry when a
+    (MONAI's four-part form; ``labels`` is None for a batch without them, as at inference). ``working_spacing`` is the batch's ``spacing_key`` entry when a
     transform stored one, else None (the step draws it).
     """
 
@@ -141,7 +145,7 @@ class PrepareBatchOccupancy:
         self.image_key, self.label_key, self.spacing_key = image_key, label_key, spacing_key
 
     def __call__(self, batchdata: Mapping[Hashable, Any], device=None, non_blocking: bool = False, **kwargs):
-        images, labels = batchdata[self.image_key], batchdata[self.label_key]
+        images, labels = batchdata[self.image_key], batchdata.get(self.label_key) if self.label_key else None
         if not isinstance(images, MetaTensor):
             raise ValueError(
                 f"'{self.image_key}' carries no affine; the occupancy step needs the native images as "
@@ -153,9 +157,12 @@ class PrepareBatchOccupancy:
         spacing = batchdata.get(self.spacing_key)
         if spacing is not None:
             spacing = torch.as_tensor(spacing, dtype=torch.float32).reshape(images.shape[0], dims)
-        # plain tensors from here: MetaTensor's bookkeeping on every query-level op costs more than the ops
-        images = _plain(images).to(device=device, non_blocking=non_blocking)
-        labels = _plain(labels).to(device=device, non_blocking=non_blocking)
+        # the images stay MetaTensors (an inferer's output takes their metadata, for Invertd and
+        # saving); the step and the inferer compute on plain tensors, since MetaTensor's
+        # bookkeeping on every query-level operation costs more than the operations
+        images = images.to(device=device, non_blocking=non_blocking)
+        if labels is not None:
+            labels = _plain(labels).to(device=device, non_blocking=non_blocking)
         return images, labels, (), {"affine": _plain(affine).to(torch.float64), "working_spacing": spacing}
 
 
@@ -207,7 +214,7 @@ class OccupancyTrainStep:
 
     def loss(self, network: OccupancyNetwork, loss_function, images, labels, affine, spacing=None):
         """``(loss, logits (B, C, N), targets (B, 1, N), spacing (B, D))`` of one batch."""
-        dims = images.dim() - 2
+        images, labels, dims = _plain(images), _plain(labels), images.dim() - 2
         queries, latents, targets, used, aux = [], [], [], [], 0.0
         for b in range(images.shape[0]):
             native = _spacing_of(affine[b], dims)
@@ -247,7 +254,9 @@ class OccupancyTrainStep:
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return output
+        # MODEL_COMPLETED decollated the output (MONAI's engines do so when decollate=True): return
+        # that, as ignite stores what the iteration returns
+        return engine.state.output
 
 
 def _check_strides(strides: Sequence[int]) -> tuple[int, ...]:
@@ -353,3 +362,53 @@ def occupancy_labels(
         "seconds": time.perf_counter() - start,
     }
     return MetaTensor(labels[None], affine=affine.cpu()), info
+
+
+class OccupancyInferer(Inferer):
+    """:func:`occupancy_labels` for each image of a batch, as a MONAI inferer.
+
+    With :class:`PrepareBatchOccupancy`, MONAI's ``SupervisedEvaluator`` calls it as
+    ``inferer(images, network, affine=..., working_spacing=...)``; the encoder spacing is the
+    batch's ``working_spacing`` or, per image, ``working_spacing(native, policy, target_spacing,
+    trained_range)`` (the spacing policies of :class:`~custom_networks.pipeline.transforms.SpacingPolicyd`).
+
+    Args:
+        policy, target_spacing, trained_range: the spacing policy of the encoder.
+        strides, chunk: see :func:`occupancy_labels`.
+        one_hot: return ``(B, num_classes, *native)`` one-hot float32 (for MONAI's metrics after
+            ``AsDiscreted(argmax=True)``) instead of ``(B, 1, *native)`` uint8 labels.
+
+    The last call's ``info`` of each image (encoder spacing, output grid, queries) is not kept on
+    the instance, which evaluators share between threads; ask :func:`occupancy_labels` for it.
+    """
+
+    def __init__(self, policy: str = "clamp", target_spacing=None, trained_range=None, strides: Sequence[int] = (4, 2, 1), chunk: int = 2**14, one_hot: bool = False):
+        super().__init__()
+        self.policy, self.target_spacing, self.trained_range = policy, target_spacing, trained_range
+        self.strides, self.chunk, self.one_hot = _check_strides(strides), int(chunk), bool(one_hot)
+
+    def encoder_spacing(self, native: Sequence[float]) -> tuple[float, ...]:
+        return tuple(float(v) for v in working_spacing(native, self.policy, self.target_spacing, self.trained_range))
+
+    def __call__(self, inputs: torch.Tensor, network: OccupancyNetwork, *args, affine=None, working_spacing=None, **kwargs) -> torch.Tensor:
+        if affine is None:
+            if not isinstance(inputs, MetaTensor):
+                raise ValueError("OccupancyInferer needs the images' affines: a MetaTensor batch or affine=(B, D + 1, D + 1).")
+            affine = inputs.affine
+        affine = _plain(affine).to(torch.float64)
+        affine = affine if affine.dim() == 3 else affine[None].expand(inputs.shape[0], -1, -1)
+        dims = inputs.dim() - 2
+        out = []
+        for b in range(inputs.shape[0]):
+            native = _spacing_of(affine[b], dims)
+            spacing = tuple(float(v) for v in working_spacing[b]) if working_spacing is not None else self.encoder_spacing(native)
+            labels, _ = occupancy_labels(network, _plain(inputs[b]), affine[b], spacing, self.strides, self.chunk)
+            labels = labels.as_tensor()
+            if self.one_hot:
+                labels = F.one_hot(labels[0].long(), network.out_channels).movedim(-1, 0).float()
+            out.append(labels)
+        out = torch.stack(out)
+        if isinstance(inputs, MetaTensor):  # the native grid: the input's geometry and transform record
+            out = MetaTensor(out)
+            out.copy_meta_from(inputs)
+        return out
