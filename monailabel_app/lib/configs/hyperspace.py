@@ -2,9 +2,9 @@
 
 The bundle's own configs stay the one source of truth: the infer task takes its preprocessing,
 sliding-window inferer and network from ``configs/inference.json``, the train task runs
-``configs/train.json``. Nothing is copied out of the bundle. The click-guided variant of a bundle
-(DeepEdit-style) is the same with the bundle's ``inference_interactive.json`` and
-``train_interactive.json`` overrides on top.
+``configs/train.json``. Nothing is copied out of the bundle. A bundle's variants are the same with
+their overrides on top: the click-guided one (DeepEdit-style, ``inference_interactive.json`` and
+``train_interactive.json``) and the occupancy decoder (``*_occupancy.json``).
 """
 
 from __future__ import annotations
@@ -21,16 +21,27 @@ from custom_networks.nets.build import primary_network_of
 from custom_networks.pipeline.compiled import compile_flag
 
 from ..infers import HyperSpaceInteractive, HyperSpaceSegmentation
+from ..infers.occupancy import HyperSpaceOccupancy
 from ..trainers import HyperSpaceTrain
 
 REQUIRED_CONFIGS = ("metadata.json", "inference.json", "train.json")
-# the overrides of a bundle's click-guided variant, per base config
-INTERACTIVE_CONFIGS = {"inference.json": "inference_interactive.json", "train.json": "train_interactive.json"}
+# the overrides of a bundle's variants, per base config: the click-guided one (DeepEdit-style) and
+# the occupancy decoder; each is served as the model "<bundle>_<variant>"
+VARIANT_CONFIGS = {
+    "interactive": {"inference.json": "inference_interactive.json", "train.json": "train_interactive.json"},
+    "occupancy": {"inference.json": "inference_occupancy.json", "train.json": "train_occupancy.json"},
+}
+INTERACTIVE_CONFIGS = VARIANT_CONFIGS["interactive"]
 INTERACTIVE_SUFFIX = "_interactive"
 
 
+def bundle_variants(bundle_path: str) -> list[str]:
+    """The variants (keys of :data:`VARIANT_CONFIGS`) whose overrides the bundle has."""
+    return [v for v, files in VARIANT_CONFIGS.items() if all(os.path.isfile(os.path.join(bundle_path, "configs", c)) for c in files.values())]
+
+
 def has_interactive_variant(bundle_path: str) -> bool:
-    return all(os.path.isfile(os.path.join(bundle_path, "configs", c)) for c in INTERACTIVE_CONFIGS.values())
+    return "interactive" in bundle_variants(bundle_path)
 
 
 def discover_bundles(bundles_dir: str, models: str = "all") -> dict[str, str]:
@@ -83,12 +94,16 @@ class HyperSpaceConfig(TaskConfig):
         bundle_path: str = "",
         overrides: dict | None = None,
         interactive: bool = False,
+        variant: str = "",
         **kwargs,
     ):
         super().init(name, model_dir, conf, planner, **kwargs)
         self.bundle_path = os.path.abspath(bundle_path)
         self.overrides = dict(overrides or {})
-        self.interactive = bool(interactive)
+        self.variant = "interactive" if interactive else str(variant or "")
+        if self.variant and self.variant not in VARIANT_CONFIGS:
+            raise ValueError(f"bundle variant {variant!r} is not one of {', '.join(VARIANT_CONFIGS)}.")
+        self.interactive = self.variant == "interactive"
         try:
             self.compile = compile_flag((conf or {}).get("compile", "auto"))
         except ValueError as e:
@@ -105,8 +120,9 @@ class HyperSpaceConfig(TaskConfig):
         return os.path.join(self.bundle_path, "configs", name)
 
     def config_files(self, name: str) -> list[str]:
-        """``name`` (``inference.json`` or ``train.json``) and, for the click-guided variant, its override."""
-        names = [name] + ([INTERACTIVE_CONFIGS[name]] if self.interactive and name in INTERACTIVE_CONFIGS else [])
+        """``name`` (``inference.json`` or ``train.json``) and, for a variant, its override."""
+        extra = VARIANT_CONFIGS.get(self.variant, {})
+        names = [name] + ([extra[name]] if name in extra else [])
         return [self.config_file(n) for n in names]
 
     def parser(self, config: str, **overrides: Any) -> ConfigParser:
@@ -151,7 +167,8 @@ class HyperSpaceConfig(TaskConfig):
         return self.metadata.get("description", self.name)
 
     def infer(self) -> HyperSpaceSegmentation:
-        return HyperSpaceInteractive(self) if self.interactive else HyperSpaceSegmentation(self)
+        task = {"interactive": HyperSpaceInteractive, "occupancy": HyperSpaceOccupancy}.get(self.variant, HyperSpaceSegmentation)
+        return task(self)
 
     def trainer(self) -> HyperSpaceTrain:
         return HyperSpaceTrain(self)
