@@ -23,7 +23,7 @@ from monai.networks.utils import one_hot
 from monai.transforms import AsDiscreted, Compose
 from torch.utils.data import IterableDataset
 
-from custom_networks import HyperUNet, PlainUNet, PrepareBatchSpacing
+from custom_networks import PlainUNet, PrepareBatchSpacing
 from custom_networks.data.synthetic import ball_patch
 
 PATCH = (16, 16, 16)
@@ -108,12 +108,14 @@ def evaluate(net, spacing, n=24, seed=123):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, size_task_hyperunet):
+    """Test Dice per spacing of HyperSpace (the session's ``size_task_hyperunet``, trained by
+    :func:`train`) and of the spacing-blind plain UNet trained the same way."""
+    torch.manual_seed(0)
+    plain = PlainUNet(**LAYOUT)
+    networks = {"hyperspace": size_task_hyperunet, "as": (plain, train(plain, tmp_path_factory.mktemp("as")))}
     results = {}
-    for name, cls in (("hyperspace", HyperUNet), ("as", PlainUNet)):
-        torch.manual_seed(0)
-        net = cls(**LAYOUT)
-        best_val = train(net, tmp_path_factory.mktemp(name))
+    for name, (net, best_val) in networks.items():
         results[name] = {s: evaluate(net, s) for s in TEST_SPACINGS}
         print(name, "best validation Dice", round(best_val, 3), "test Dice per spacing", results[name])
     return results

@@ -59,8 +59,12 @@ def ensemble_spacings(
 ) -> list[tuple[float, ...]]:
     """The working spacings (mm, tensor axis order) of an ensemble for an image of spacing ``native``.
 
-    Each is ``factor x`` the native spacing clamped to ``trained_range``, clamped again; spacings that
-    coincide (within 0.1 um) are kept once, in the order of ``factors``.
+    Each is ``factor x`` the native spacing clamped to ``trained_range``, clamped again. A look that
+    this clamping makes coincide (within 0.1 um) with an earlier one is taken at ``1 / factor``
+    instead, finer: an image at or beyond the coarse end of the range would otherwise get a single
+    look, and no disagreement, exactly where the model knows least (its finer looks see an
+    interpolated image, blurrier than the model learnt for that spacing). A look that still
+    coincides is left out. Spacings come in the order of ``factors``.
 
     Raises:
         ValueError: for an empty ``factors`` or a factor that is not a finite number > 0.
@@ -75,10 +79,12 @@ def ensemble_spacings(
     base = native if rng is None else rng.clamp(native)
     out: list[tuple[float, ...]] = []
     for f in factors:
-        s = tuple(round(float(b) * float(f), 4) for b in base)
-        s = s if rng is None else tuple(float(v) for v in rng.clamp(s))
-        if not any(np.allclose(s, o, rtol=0, atol=1e-4) for o in out):
-            out.append(s)
+        for multiple in (float(f), 1.0 / float(f)):
+            s = tuple(round(float(b) * multiple, 4) for b in base)
+            s = s if rng is None else tuple(float(v) for v in rng.clamp(s))
+            if not any(np.allclose(s, o, rtol=0, atol=1e-4) for o in out):
+                out.append(s)
+                break
     return out
 
 
