@@ -64,7 +64,9 @@ def _start(studies: str, model_dir: str, overrides: dict, log_path: str):
            "--conf", "models", BUNDLE, "--conf", "model_dir", model_dir, "--conf", "bundle_overrides", json.dumps(overrides),
            "--host", "127.0.0.1", "--port", str(port)]
     log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # no background scoring (MONAI Label would score the studies at start-up, beside the timed requests)
+    env = {**os.environ, "MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

@@ -15,11 +15,17 @@ Start (from the repository root, with the project's environment active)::
 - ``compile``: ``auto`` (default: ``torch.compile`` the generated UNets on CUDA), ``true``, ``false``.
 - ``warmup``: ``true`` loads every trained model at start-up and runs one window on the first
   device, so that loading and compilation are paid before the first request (default ``false``).
+- ``scoring_model``: the segmentation model whose spacing disagreement ranks the unlabelled images
+  (default: the first served bundle).
+- ``scoring_max_samples``: images one scoring run scores at most (default ``0``: all).
 
 Each bundle is one model (its folder name) with a segmentation infer task and a train task, and,
 where the bundle has ``configs/*_interactive.json``, a click-guided model ``<bundle>_interactive``
 (MONAI Label's ``deepedit`` type) with its own infer and train tasks and checkpoint. The
-active-learning strategies are ``random`` and ``first`` (first unlabelled image by id).
+active-learning strategies are ``random``, ``first`` (first unlabelled image by id) and
+``spacing_disagreement`` (highest score of the scoring method of that name, which MONAI Label runs
+in the background after every training and ``next_sample`` while
+``MONAI_LABEL_AUTO_UPDATE_SCORING`` is on, its default; see :mod:`lib.scoring`).
 """
 
 from __future__ import annotations
@@ -35,12 +41,14 @@ from monailabel.config import settings
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
+from monailabel.tasks.activelearning.epistemic import Epistemic
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.generic import device_list, name_to_device
 
 import custom_networks
 from lib.configs import INTERACTIVE_SUFFIX, HyperSpaceConfig, discover_bundles, has_interactive_variant
+from lib.scoring import SCORE_KEY, SpacingDisagreementScoring
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +115,21 @@ class HyperSpaceApp(MONAILabelApp):
         )
 
     def init_strategies(self):
-        return {"random": Random(), "first": First()}
+        # MONAI Label's Epistemic strategy is "unlabelled image with the highest stored score, the
+        # least recently served first among equals"; here on the spacing-disagreement score
+        disagreement = Epistemic(key=SCORE_KEY, desc="Unlabelled image on which the model's looks at several spacings disagree most")
+        return {"random": Random(), "first": First(), "spacing_disagreement": disagreement}
+
+    def init_scoring_methods(self):
+        segmentation = {name: task for name, task in self._infers.items() if not self.models[name].variant}
+        model = self.conf.get("scoring_model") or next(iter(segmentation), None)
+        if model is None:
+            return {}
+        try:
+            scoring = SpacingDisagreementScoring(segmentation, model, self.conf.get("scoring_max_samples") or 0)
+        except ValueError as e:
+            raise ValueError(f"--conf scoring_model / scoring_max_samples: {e}") from None
+        return {"spacing_disagreement": scoring}
 
     # MONAI Label turns its own exceptions into a bare "500 Internal Server Error"; the checks below
     # answer a wrong request with its status and a message that says what was wrong.

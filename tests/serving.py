@@ -14,6 +14,10 @@ import pytest
 import requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# MONAI Label runs every scoring method in a subprocess at start-up and after each training and
+# next_sample; test servers run without it, so that it never competes with the requests a test
+# makes or measures (the scoring test starts it itself)
+NO_AUTO_SCORING = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false"}
 
 
 def free_port() -> int:

@@ -13,7 +13,8 @@ spacing policies ``native``, ``clamp`` and ``target``, and the live MONAI Label 
 driven with its official client, as 3D Slicer does. Images: RAS, LPS, sagittal (axes swapped in the
 file), oblique (20 degrees) and thick-slice geometries, each as NIfTI, NRRD and MetaImage, with
 native spacings inside each bundle's trained range. One more BraTS case checks that the z-score on
-a coarse grid uses the head's statistics (a small head in a wide, empty field of view).
+a coarse grid uses the head's statistics (a small head in a wide, empty field of view). On the live
+server, the ``spacing_disagreement`` scoring and strategy offer an image with heavy noise first.
 """
 
 import glob
@@ -21,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -34,7 +36,7 @@ ROOT = os.path.dirname(TESTS)
 sys.path.insert(0, TESTS)  # `oracle`, here and as the bundles' network_def target (pytest's importlib mode adds nothing)
 from oracle import (GEOMETRIES, ORIGIN, ThresholdNetwork, cases_for, core_image, dice, expected_label, object_image,  # noqa: E402
                     ras_affine, read_itk, write_image)
-from serving import running_server  # noqa: E402
+from serving import NO_AUTO_SCORING, running_server  # noqa: E402
 
 BUNDLES = {
     "brats": "brats_mri_tumour_segmentation",
@@ -261,14 +263,28 @@ def server(images, checkpoint, tmp_path_factory):
     model_dir = root / "models"
     model_dir.mkdir()
     torch.save(ThresholdNetwork().state_dict(), model_dir / f"{SERVER_MODEL}.pt")  # where --conf model_dir makes the app look
+    _write_hard_images(images["brats"]["folder"])
     args = ["-m", "monailabel.main", "start_server", "--app", "monailabel_app", "--studies", images["brats"]["folder"],
             "--conf", "models", SERVER_MODEL, "--conf", "model_dir", str(model_dir),
             "--conf", "bundle_overrides", json.dumps({"network_def": ORACLE})]
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))}  # the oracle imports in the server
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")])), **NO_AUTO_SCORING}  # the oracle imports in the server
     log_path = root / "server.log"
     with running_server(args, str(log_path), env) as (url, proc):
         (root / "results").mkdir()
-        yield {"client": MONAILabelClient(url, tmpdir=str(root / "results")), "log": log_path}
+        yield {"client": MONAILabelClient(url, tmpdir=str(root / "results")), "url": url, "log": log_path, "model_dir": str(model_dir)}
+
+
+def _write_hard_images(folder: str) -> None:
+    """For the active-learning test, beside the clean test images: the RAS image with heavy noise in
+    the head (std half the object's contrast), whose speckle the looks at several spacings segment
+    differently, and a file that is no image."""
+    volume, _ = object_image(head=True)
+    noise = np.random.default_rng(0).normal(0.0, 100.0, volume.shape)
+    noisy = np.where(volume > 0, np.clip(volume + noise, 1.0, None), 0.0).astype(np.float32)
+    case = next(c for c in CASES["brats"] if c.name == "ras-nii")
+    write_image(os.path.join(folder, "noisy.nii.gz"), noisy, case.spacing, case.origin, case.direction)
+    with open(os.path.join(folder, "corrupt.nii.gz"), "wb") as f:
+        f.write(b"this is not a NIfTI file")
 
 
 def _server_label(server, case, params: dict, geometry: dict) -> tuple[np.ndarray, dict]:
@@ -301,3 +317,65 @@ def test_server_coarse_label_keeps_the_object_in_place(server, images, case):
     np.testing.assert_allclose(out["working_spacing_mm"], [2 * s for s in case.ras_spacing], atol=1e-3)
     score = dice(label, expected)
     assert score >= MIN_DICE, _where_they_differ(label, expected)
+
+
+# --- active learning: the spacing-disagreement scoring and strategy on the live server ------------
+
+def _run_scoring(server, method: str, params: dict, timeout: float = 300) -> dict:
+    """``POST /scoring/<method>`` as MONAI Label runs it in the background (a subprocess that builds
+    the app), waited for; the summary the method returned (its task's ``Result:`` line)."""
+    import requests
+
+    reply = requests.post(f"{server['url']}/scoring/{method}", json=params, timeout=60)
+    assert reply.status_code == 200, reply.text
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        task = requests.get(f"{server['url']}/scoring/", timeout=60).json()
+        if task["id"] == reply.json()["id"] and task["status"] not in ("SUBMITTED", "RUNNING"):
+            break
+        time.sleep(0.5)
+    assert task["status"] == "DONE", "\n".join(task.get("details", []))
+    results = [line.split("Result: ", 1)[1] for line in task["details"] if "Result: " in line]
+    assert results, task["details"]
+    return json.loads(results[-1])
+
+
+def _image_infos(client, key: str, timeout: float = 60) -> dict:
+    """Image id -> datastore info, once every image holds ``key`` (the server reloads the datastore
+    file that the scoring subprocess wrote when its file watcher sees the change)."""
+    deadline = time.time() + timeout
+    while True:
+        infos = {i: o["image"]["info"] for i, o in client.datastore()["objects"].items()}
+        if all(key in info for info in infos.values()) or time.time() > deadline:
+            return infos
+        time.sleep(0.5)
+
+
+def test_server_offers_the_noisy_image_first_by_spacing_disagreement(server):
+    """``/scoring/spacing_disagreement`` scores every unlabelled image in MONAI Label's background
+    task (the oracle's looks at 1x, 1.25x and 1.5x the working spacing agree but on the object's
+    boundary, and disagree on the noisy image's speckle), the scores land in the datastore, and
+    "Next Sample" with the ``spacing_disagreement`` strategy gives the noisy image first, then the
+    clean ones, and the file that is no image last."""
+    client = server["client"]
+    clean = [c.name for c in CASES["brats"]]
+    summary = _run_scoring(server, "spacing_disagreement", {})
+    assert summary["model"] == SERVER_MODEL and summary["total"] == len(clean) + 2, summary
+    assert (summary["executed"], summary["failed"], summary["skipped"]) == (len(clean) + 1, 1, 0), summary
+    infos = _image_infos(client, "spacing_disagreement")
+    scores = {i: info["spacing_disagreement"] for i, info in infos.items()}
+    print("spacing disagreement:", {i: round(v, 4) for i, v in sorted(scores.items(), key=lambda kv: -kv[1])})
+    assert scores["noisy"] > 2 * max(scores[c] for c in clean), scores
+    assert min(scores[c] for c in clean) > 0.0 and scores["corrupt"] == -1.0, scores
+    assert infos["corrupt"]["spacing_disagreement_meta"]["error"].startswith("415"), infos["corrupt"]
+    meta = infos["noisy"]["spacing_disagreement_meta"]
+    assert meta["model"] == SERVER_MODEL and meta["checkpoint"] == os.path.join(server["model_dir"], f"{SERVER_MODEL}.pt"), meta
+    # the stored score is the one an ensemble request from Slicer reports
+    _, out = client.infer(SERVER_MODEL, "noisy", {"spacing_ensemble": True, **SLICER})
+    assert out["spacing_ensemble"]["score"] == pytest.approx(scores["noisy"], abs=1e-6)
+    assert out["spacing_ensemble"]["spacings"] == meta["spacings"]
+
+    served = [client.next_sample("spacing_disagreement", {})["id"] for _ in range(len(scores))]
+    assert served[0] == "noisy" and served[-1] == "corrupt", served
+    assert sorted(served) == sorted(scores), served  # each image once, highest score first
+    assert [scores[i] for i in served] == sorted(scores.values(), reverse=True), served

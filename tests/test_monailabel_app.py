@@ -28,7 +28,7 @@ from monailabel.client.client import MONAILabelClientException
 from custom_networks.data.synthetic_datasets import write_synthetic_dataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the tests' own helpers
-from serving import running_server  # noqa: E402
+from serving import NO_AUTO_SCORING, running_server  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "brats_mri_tumour_segmentation"
@@ -89,7 +89,7 @@ def server(tmp_path_factory):
     args = [*README_COMMAND.replace("/path/to/images", studies).split()[1:],
             "--conf", "model_dir", model_dir, "--conf", "bundle_overrides", json.dumps(OVERRIDES), "--conf", "warmup", "true"]
     log_path = os.path.join(root, "server.log")
-    with running_server(args, log_path) as (url, proc):
+    with running_server(args, log_path, env=NO_AUTO_SCORING) as (url, proc):
         client = MONAILabelClient(url, tmpdir=os.path.join(root, "results"))
         os.makedirs(os.path.join(root, "results"))
         yield {"client": client, "url": url, "studies": studies, "labels": labels, "model_dir": model_dir, "proc": proc, "log": log_path}
@@ -156,7 +156,8 @@ def test_info_lists_every_bundle_with_its_options(server, untouched):
     assert all(isinstance(v, (bool, int, float, str, list)) for v in model["config"].values())
     assert model["trained"] is False and "Not trained yet" in model["description"]
     assert set(info["trainers"][MODEL]["config"]) >= {"max_epochs", "learning_rate", "spacing_range_mm"}
-    assert set(info["strategies"]) == {"random", "first"}
+    assert set(info["strategies"]) == {"random", "first", "spacing_disagreement"}
+    assert set(info["scoring"]) == {"spacing_disagreement"} and info["scoring"]["spacing_disagreement"]["model"] == MODEL
     assert info["datastore"]["total"] == 9
     # what is served does not change with what was labelled or trained since
     now = server["client"].info()
@@ -322,6 +323,47 @@ def test_annotate_train_and_segment(server, trained):
     result, _ = client.infer(MODEL, "thick", {"spacing_policy": "native", **SLICER})
     _assert_same_geometry(result, os.path.join(studies, "thick.nrrd"))
     assert open(server["log"]).read().count("Loaded checkpoint") == loads + 1
+
+
+def test_spacing_disagreement_scoring_skips_what_this_checkpoint_scored(tmp_path):
+    """The scoring method on its own, on a datastore of three images: bounded by max_samples, images
+    the same checkpoint file scored are skipped, a new checkpoint scores them again; bad options
+    raise. (The live server's scoring and strategy: ``test_content.py``, with the oracle network.)"""
+    sys.path.insert(0, os.path.join(ROOT, "monailabel_app"))
+    try:
+        from lib.configs import HyperSpaceConfig
+        from lib.scoring import SpacingDisagreementScoring
+    finally:
+        sys.path.pop(0)
+    import torch
+    from monailabel.datastore.local import LocalDatastore
+
+    config = HyperSpaceConfig()
+    config.init(MODEL, str(tmp_path), {"compile": "false"}, None, bundle_path=os.path.join(ROOT, "bundles", MODEL), overrides=OVERRIDES)
+    studies, _ = write_brats_studies(str(tmp_path / "data"))
+    datastore = LocalDatastore(studies, extensions=["*.nii.gz"], auto_reload=False)
+    scoring = SpacingDisagreementScoring({MODEL: config.infer()}, MODEL, max_samples=2)
+    counts = lambda summary: (summary["executed"], summary["skipped"], summary["failed"])  # noqa: E731
+    assert counts(scoring({}, datastore)) == (0, 3, 0)  # no checkpoint yet: nothing to score with
+    torch.manual_seed(0)
+    torch.save(config.build_network("cpu").state_dict(), config.path)
+    assert counts(scoring({}, datastore)) == (2, 0, 0)
+    assert counts(scoring({}, datastore)) == (1, 2, 0)
+    assert counts(scoring({"max_samples": 0}, datastore)) == (0, 3, 0)
+    meta = {i: datastore.get_image_info(i)["spacing_disagreement_meta"] for i in datastore.list_images()}
+    assert all(0.0 <= datastore.get_image_info(i)["spacing_disagreement"] <= math.log(2) for i in meta), meta
+    assert {m["checkpoint"] for m in meta.values()} == {config.path} and all(len(m["spacings"]) == 3 for m in meta.values()), meta
+    stat = os.stat(config.path)  # a new checkpoint file (a training wrote it): the images are scored again
+    os.utime(config.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert counts(scoring({"max_samples": 1}, datastore)) == (1, 0, 0)
+    rescored = [i for i in meta if datastore.get_image_info(i)["spacing_disagreement_meta"]["mtime_ns"] == stat.st_mtime_ns + 10**9]
+    assert len(rescored) == 1, rescored
+    for bad, words in (({"max_samples": -1}, "max_samples -1"), ({"max_samples": "some"}, "max_samples 'some'"),
+                       ({"model": "no_such_model"}, "no segmentation model 'no_such_model'")):
+        with pytest.raises(ValueError, match=words):
+            scoring(bad, datastore)
+    with pytest.raises(ValueError, match="model 'no_such_model' is not a served segmentation model"):
+        SpacingDisagreementScoring({MODEL: config.infer()}, "no_such_model")
 
 
 def test_interactive_model_trains_then_segments_and_refines_with_clicks(server, trained):

@@ -26,7 +26,7 @@ from monailabel.client import MONAILabelClient
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)  # the helpers and settings of the server tests that drive every option
-from serving import running_server  # noqa: E402
+from serving import NO_AUTO_SCORING, running_server  # noqa: E402
 from test_monailabel_app import MODEL, OVERRIDES, README_COMMAND, SLICER, _error, _save_labels, _sha, write_brats_studies  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +61,7 @@ def server(tmp_path_factory):
     args = [*README_COMMAND.replace("/path/to/images", studies).replace("models all", f"models {MODEL}").split()[1:],
             "--conf", "model_dir", model_dir, "--conf", "bundle_overrides", json.dumps(OVERRIDES)]
     log_path = os.path.join(root, "server.log")
-    with running_server(args, log_path) as (url, proc):
+    with running_server(args, log_path, env=NO_AUTO_SCORING) as (url, proc):
         results = os.path.join(root, "results")
         os.makedirs(results)
         yield {"client": MONAILabelClient(url, tmpdir=results), "url": url, "root": root, "studies": studies, "labels": labels,

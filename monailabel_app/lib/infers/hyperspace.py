@@ -14,7 +14,8 @@ Options in Slicer's options panel (``config``):
 - ``memory_budget_gb``, ``time_budget_s``: the budgets of ``auto`` (``<= 0``: no limit). Memory
   is GPU memory on CUDA and the process's RAM on the CPU.
 - ``spacing_ensemble``: ``true`` runs the model at the working spacing and at 1.25x and 1.5x of
-  it (in the trained range) and returns the label of the mean probability; ``params`` then hold
+  it (in the trained range; a look its coarse edge merges into another is taken at 1/1.25x or
+  1/1.5x instead) and returns the label of the mean probability; ``params`` then hold
   ``spacing_ensemble``: the spacings, the seconds per look and the image's disagreement score
   (mean mutual information over the foreground, nats; see :mod:`custom_networks.pipeline.ensemble`).
 
