@@ -78,3 +78,15 @@ def test_bench_occupancy_prints_memory_of_each_way_to_the_native_grid():
         assert re.search(rf"\| {kind} \| [\d.]+ s \| [\d.]+ GiB \| ", out), out
     assert re.search(r"\| occupancy \| [\d.]+ s \| [\d.]+ GiB \| [\d.]+% \| [\d.]+ \|", out), out
     assert re.search(r"occupancy / unet_upsampled peak memory: [\d.]+; time: [\d.]+", out), out
+
+
+def test_bench_ensemble_prints_one_look_ensemble_and_mirroring(tmp_path):
+    out = _run("benchmarks/bench_ensemble.py", "--device", "cpu", "--spacing", "1", "--repeats", "1", "--channels", "[4,8]",
+               "--field_mm", "[40,40,24]", "--output_dir", str(tmp_path))
+    cells = r"\| [\d.e-]+ s \| [\d.]+ \| [\d.]+ GiB \| [\d.]+ \|"
+    assert re.search(rf"^\| one look \| 1 \| 1 {cells}$", out, re.M), out
+    assert re.search(rf"^\| ensemble \| 1, 1\.25, 1\.5 \| 3 {cells}$", out, re.M), out
+    assert re.search(rf"^\| mirroring \| 1 \| 8 {cells}$", out, re.M), out
+    assert "image: 40 x 40 x 24 mm at 1 mm (40x40x24 voxels)" in out, out
+    assert (tmp_path / "bench_ensemble.md").read_text() in out
+    assert (tmp_path / "bench_ensemble.csv").read_text().startswith("configuration,spacings_mm,network_runs,seconds,time_ratio,peak_bytes")
