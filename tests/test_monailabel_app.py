@@ -11,6 +11,7 @@ fixture, for the tests that need labels and weights.
 
 import glob
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -228,6 +229,23 @@ def _sha(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def _app_module(name: str):
+    """A module of the app's ``lib`` package (e.g. ``lib.configs``), imported as the server imports it."""
+    sys.path.insert(0, os.path.join(ROOT, "monailabel_app"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
+
+
+def _bundle_config(model_dir, name: str = MODEL, overrides: dict = OVERRIDES, conf: dict | None = None):
+    """The app's ``HyperSpaceConfig`` of bundle ``name``, checkpoints in ``model_dir``, without a server."""
+    config = _app_module("lib.configs").HyperSpaceConfig()
+    config.init(name, str(model_dir), {"compile": "false"} if conf is None else conf, None,
+                bundle_path=os.path.join(ROOT, "bundles", name), overrides=overrides)
+    return config
+
+
 def _save_labels(server) -> None:
     """The hand-made tumour-core labels of case0-2, saved as Slicer saves them."""
     for i in range(3):
@@ -329,23 +347,17 @@ def test_spacing_disagreement_scoring_skips_what_this_checkpoint_scored(tmp_path
     """The scoring method on its own, on a datastore of three images: bounded by max_samples, images
     the same checkpoint file scored are skipped, a new checkpoint scores them again; bad options
     raise. (The live server's scoring and strategy: ``test_content.py``, with the oracle network.)"""
-    sys.path.insert(0, os.path.join(ROOT, "monailabel_app"))
-    try:
-        from lib.configs import HyperSpaceConfig
-        from lib.scoring import SpacingDisagreementScoring
-    finally:
-        sys.path.pop(0)
     import torch
     from monailabel.datastore.local import LocalDatastore
 
-    config = HyperSpaceConfig()
-    config.init(MODEL, str(tmp_path), {"compile": "false"}, None, bundle_path=os.path.join(ROOT, "bundles", MODEL), overrides=OVERRIDES)
+    SpacingDisagreementScoring = _app_module("lib.scoring").SpacingDisagreementScoring
+    # the oracle network (a threshold of the input, tests/oracle.py): this test is about bookkeeping
+    config = _bundle_config(tmp_path, overrides={**OVERRIDES, "network_def": {"_target_": "oracle.ThresholdNetwork", "in_channels": 1, "out_channels": 2}})
     studies, _ = write_brats_studies(str(tmp_path / "data"))
     datastore = LocalDatastore(studies, extensions=["*.nii.gz"], auto_reload=False)
     scoring = SpacingDisagreementScoring({MODEL: config.infer()}, MODEL, max_samples=2)
     counts = lambda summary: (summary["executed"], summary["skipped"], summary["failed"])  # noqa: E731
     assert counts(scoring({}, datastore)) == (0, 3, 0)  # no checkpoint yet: nothing to score with
-    torch.manual_seed(0)
     torch.save(config.build_network("cpu").state_dict(), config.path)
     assert counts(scoring({}, datastore)) == (2, 0, 0)
     assert counts(scoring({}, datastore)) == (1, 2, 0)
@@ -412,13 +424,7 @@ def test_training_with_a_label_of_unknown_segments_fails_with_its_name(server, u
 
 def test_warmup_loads_a_trained_model_and_generates_its_weights_once(tmp_path):
     """``--conf warmup true``: the infer task's warm-up (run in the server process at start-up)."""
-    sys.path.insert(0, os.path.join(ROOT, "monailabel_app"))
-    try:
-        from lib.configs import HyperSpaceConfig
-    finally:
-        sys.path.pop(0)
-    config = HyperSpaceConfig()
-    config.init(MODEL, str(tmp_path), {"compile": "false"}, None, bundle_path=os.path.join(ROOT, "bundles", MODEL), overrides=OVERRIDES)
+    config = _bundle_config(tmp_path)
     task = config.infer()
     assert task.warmup("cpu") is False  # no checkpoint yet: nothing to warm up
     import torch
@@ -428,25 +434,18 @@ def test_warmup_loads_a_trained_model_and_generates_its_weights_once(tmp_path):
     engine = task._networks["cpu"][0]
     assert engine.compile_mode is False and engine.network.generation_count == 1
     with pytest.raises(ValueError, match="--conf compile 'sometimes'"):
-        HyperSpaceConfig().init(MODEL, str(tmp_path), {"compile": "sometimes"}, None, bundle_path=os.path.join(ROOT, "bundles", MODEL))
+        _bundle_config(tmp_path, overrides={}, conf={"compile": "sometimes"})
 
 
 def test_an_sdn_checkpoint_is_served_and_fine_tuned_as_the_network_it_holds(tmp_path):
     """A bundle trained with ``--primary_network sdn_unet``: its config still says ``unet``; the
     infer task builds the SDN U-Net the checkpoint holds and segments on the image's own grid,
     and the trainer fine-tunes that network."""
-    sys.path.insert(0, os.path.join(ROOT, "monailabel_app"))
-    try:
-        from lib.configs import HyperSpaceConfig
-    finally:
-        sys.path.pop(0)
     import torch
 
     from custom_networks import SDNUNet
 
-    config = HyperSpaceConfig()
-    overrides = {**OVERRIDES, "network_def#channels": [4, 8, 8]}  # the SDN sits at 1/4 resolution: 3 levels
-    config.init(MODEL, str(tmp_path), {"compile": "false"}, None, bundle_path=os.path.join(ROOT, "bundles", MODEL), overrides=overrides)
+    config = _bundle_config(tmp_path, overrides={**OVERRIDES, "network_def#channels": [4, 8, 8]})  # the SDN sits at 1/4 resolution: 3 levels
     assert config.checkpoint_overrides() == {}  # no checkpoint yet
     torch.manual_seed(0)
     sdn = config.build_network("cpu", primary_network="sdn_unet")
@@ -473,16 +472,9 @@ def test_an_sdn_checkpoint_is_served_and_fine_tuned_as_the_network_it_holds(tmp_
 def test_the_vessel_bundle_is_served_with_its_label_on_the_input_grid(tmp_path):
     """The vessel bundle through the same infer task: a generated anisotropic ToF volume stored LPS,
     segmented at a working spacing the request chooses; the label comes back on the input's grid."""
-    sys.path.insert(0, os.path.join(ROOT, "monailabel_app"))
-    try:
-        from lib.configs import HyperSpaceConfig
-    finally:
-        sys.path.pop(0)
     import torch
 
-    vessel = "vessel_mra_segmentation"
-    config = HyperSpaceConfig()
-    config.init(vessel, str(tmp_path), {"compile": "false"}, None, bundle_path=os.path.join(ROOT, "bundles", vessel), overrides=OVERRIDES)
+    config = _bundle_config(tmp_path, "vessel_mra_segmentation")
     torch.manual_seed(0)
     torch.save(config.build_network("cpu").state_dict(), config.path)
     data = write_synthetic_dataset("vessel", str(tmp_path / "data"), n_cases=2, seed=0, spacings=[[0.5, 0.5, 0.8], [0.6, 0.45, 0.5]])

@@ -27,10 +27,11 @@ from monailabel.client import MONAILabelClient
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)  # the helpers and settings of the server tests that drive every option
 from serving import NO_AUTO_SCORING, running_server  # noqa: E402
-from test_monailabel_app import MODEL, OVERRIDES, README_COMMAND, SLICER, _error, _save_labels, _sha, write_brats_studies  # noqa: E402
+from test_monailabel_app import (  # noqa: E402
+    MODEL, OVERRIDES, README_COMMAND, SLICER, _bundle_config, _error, _save_labels, _sha, write_brats_studies,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUNDLE = os.path.join(ROOT, "bundles", MODEL)
 CHEAP = {"spacing_policy": "target", "target_spacing": "3", **SLICER}  # the cheapest request: 16 x 16 x 11 voxels here
 TRAIN = {"max_epochs": 3, "val_interval": 1, "train_batch_size": 2}
 LOADED = "Loaded checkpoint "
@@ -39,13 +40,7 @@ LOADED = "Loaded checkpoint "
 def _write_checkpoint(model_dir: str) -> str:
     """A freshly initialised network of the bundle, with the served overrides and built as the app
     builds it, saved as ``{"model": state_dict}`` where ``--conf model_dir`` makes the app look."""
-    sys.path.insert(0, os.path.join(ROOT, "monailabel_app"))
-    try:
-        from lib.configs import HyperSpaceConfig
-    finally:
-        sys.path.pop(0)
-    config = HyperSpaceConfig()
-    config.init(MODEL, model_dir, {"compile": "false"}, None, bundle_path=BUNDLE, overrides=OVERRIDES)
+    config = _bundle_config(model_dir)
     torch.manual_seed(0)
     torch.save({"model": config.build_network("cpu").state_dict()}, config.path)
     return config.path
