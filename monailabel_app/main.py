@@ -21,7 +21,9 @@ Start (from the repository root, with the project's environment active)::
 
 Each bundle is one model (its folder name) with a segmentation infer task and a train task, and,
 where the bundle has ``configs/*_interactive.json``, a click-guided model ``<bundle>_interactive``
-(MONAI Label's ``deepedit`` type) with its own infer and train tasks and checkpoint. The
+(MONAI Label's ``deepedit`` type) with its own infer and train tasks and checkpoint, and where it
+has ``configs/*_occupancy.json`` (BraTS), ``<bundle>_occupancy``: the occupancy decoder, which
+encodes at a coarse spacing and writes the label at the image's own resolution. The
 active-learning strategies are ``random``, ``first`` (first unlabelled image by id) and
 ``spacing_disagreement`` (highest score of the scoring method of that name, which MONAI Label runs
 in the background after every training and ``next_sample`` while
@@ -47,7 +49,7 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.generic import device_list, name_to_device
 
 import custom_networks
-from lib.configs import INTERACTIVE_SUFFIX, HyperSpaceConfig, discover_bundles, has_interactive_variant
+from lib.configs import HyperSpaceConfig, bundle_variants, discover_bundles
 from lib.scoring import SCORE_KEY, SpacingDisagreementScoring
 
 logger = logging.getLogger(__name__)
@@ -70,10 +72,10 @@ class HyperSpaceApp(MONAILabelApp):
             os.makedirs(model_dir, exist_ok=True)
         self.models: dict[str, HyperSpaceConfig] = {}
         for name, path in discover_bundles(bundles_dir, conf.get("models", "all")).items():
-            variants = [(name, False)] + ([(name + INTERACTIVE_SUFFIX, True)] if has_interactive_variant(path) else [])
-            for model, interactive in variants:
+            for variant in ["", *bundle_variants(path)]:
+                model = f"{name}_{variant}" if variant else name
                 config = HyperSpaceConfig()
-                config.init(model, model_dir, conf, None, bundle_path=path, overrides=overrides, interactive=interactive)
+                config.init(model, model_dir, conf, None, bundle_path=path, overrides=overrides, variant=variant)
                 self.models[model] = config
         logger.info(f"Serving bundles {list(self.models)} from {bundles_dir}; checkpoints {[c.path for c in self.models.values()]}")
         _check_train_requests()

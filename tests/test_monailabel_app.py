@@ -141,7 +141,7 @@ def untouched(server):
 def test_info_lists_every_bundle_with_its_options(server, untouched):
     info = untouched["info"]
     bundles = {"brats_mri_tumour_segmentation", "spider_mri_spine_segmentation", "mmwhs_mri_heart_segmentation", "vessel_mra_segmentation"}
-    assert set(info["models"]) == bundles | {b + "_interactive" for b in bundles}
+    assert set(info["models"]) == bundles | {b + "_interactive" for b in bundles} | {MODEL + "_occupancy"}
     assert {m["type"] for m in info["models"].values()} == {"segmentation", "deepedit"}
     interactive = info["models"][INTERACTIVE]
     assert interactive["type"] == "deepedit" and interactive["labels"] == {"background": 0, "tumour_core": 1}

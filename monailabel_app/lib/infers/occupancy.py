@@ -18,6 +18,7 @@ from fastapi import HTTPException
 from monai.transforms import Invertd, SqueezeDimd
 
 from custom_networks.pipeline.occupancy import occupancy_labels
+from custom_networks.spacing import parse_spacing
 
 from .hyperspace import _PRE, HyperSpaceSegmentation, _option
 
@@ -53,7 +54,13 @@ class HyperSpaceOccupancy(HyperSpaceSegmentation):
             value = _option(data, key, None)
             if value not in (None, "", False, "false", "auto"):
                 raise HTTPException(400, f"{key} {data.get(key)!r} is not an option of the occupancy decoder.")
-        return super().spacing_options({**data, "window": "auto", "spacing_ensemble": False})
+        options: dict[str, Any] = {"mode": mode, "target": None, "window": "none", "spacing_ensemble": False}
+        if mode == "target":
+            try:
+                options["target"] = parse_spacing(_option(data, "target_spacing", None), 3, what="target_spacing")
+            except ValueError as e:
+                raise HTTPException(400, str(e)) from None
+        return options
 
     def run_inferer(self, data: dict, convert_to_batch: bool = True, device: str = "cuda") -> dict:
         network = self._get_network(device, data).network  # the OccupancyNetwork itself
