@@ -41,6 +41,7 @@ __all__ = [
     "PadeActivation",
     "ResidualCBNBlock",
     "grid_points",
+    "index_to_world",
     "sample_at_points",
     "world_to_index",
 ]
@@ -158,13 +159,17 @@ def world_to_index(points: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
     return points.to(torch.float64) @ inv[:-1, :-1].T + inv[:-1, -1]
 
 
+def index_to_world(index: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Voxel indices ``(N, D)`` of the grid with ``affine`` to world coordinates (mm), float64."""
+    affine = torch.as_tensor(affine, dtype=torch.float64, device=index.device)
+    return index.to(torch.float64) @ affine[:-1, :-1].T + affine[:-1, -1]
+
+
 def grid_points(shape: Sequence[int], affine: torch.Tensor, stride: int = 1, device=None) -> torch.Tensor:
     """World coordinates (mm) of the voxel centres ``0, stride, 2 * stride, ...`` of a grid:
     ``(N, D)`` float64, C order over the strided grid (the last axis fastest)."""
     axes = [torch.arange(0, int(n), int(stride), dtype=torch.float64, device=device) for n in shape]
-    index = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
-    affine = torch.as_tensor(affine, dtype=torch.float64, device=device)
-    return index @ affine[:-1, :-1].T + affine[:-1, -1]
+    return index_to_world(torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape)), affine)
 
 
 def _normalised(index: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

@@ -32,7 +32,7 @@ from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer
 from monai.utils import CommonKeys
 
-from ..nets.occupancy import OccupancyNetwork
+from ..nets.occupancy import OccupancyNetwork, index_to_world
 from ..spacing import SpacingRange, working_spacing
 from .resample import resample_to_spacing
 
@@ -113,9 +113,7 @@ def sample_training_points(
     picked = band[torch.randperm(band.numel(), generator=generator)[:n_band]]
     uniform = torch.randint(total, (num_points - n_band,), generator=generator)
     flat = torch.cat([picked, uniform]).to(label.device)
-    index = torch.stack(torch.unravel_index(flat, tuple(shape)), dim=1).to(torch.float64)
-    affine = torch.as_tensor(affine, dtype=torch.float64, device=label.device)
-    points = index @ affine[:-1, :-1].T + affine[:-1, -1]
+    points = index_to_world(torch.stack(torch.unravel_index(flat, tuple(shape)), dim=1), affine)
     return points, label.reshape(-1)[flat].long()
 
 
@@ -320,8 +318,7 @@ def occupancy_labels(
         nonlocal queries
         out = torch.empty(index.shape[0], dtype=torch.uint8, device=src.device)
         for s in range(0, index.shape[0], chunk):
-            idx = index[s : s + chunk].to(torch.float64)
-            points = idx @ affine[:-1, :-1].T + affine[:-1, -1]
+            points = index_to_world(index[s : s + chunk], affine)
             q = network.query_features(points, feats, working_affine, src, affine)
             out[s : s + chunk] = network.decode(q[None], latent[None])[0].argmax(0).to(torch.uint8)
         queries += index.shape[0]

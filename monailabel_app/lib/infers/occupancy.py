@@ -67,12 +67,9 @@ class HyperSpaceOccupancy(HyperSpaceSegmentation):
         image = data[self.input_key]
         options = self.spacing_options(data)
         inferer = self.bundle.parser("inference.json").get_parsed_content("occupancy_inferer")
-        native = tuple(float(s) for s in image.pixdim)
-        if options["mode"] == "target":
-            spacing = tuple(options["target"])
-        else:
-            inferer.policy = options["mode"]  # this request's own parsed inferer
-            spacing = inferer.encoder_spacing(native)
+        # this request's own parsed inferer: the policy of the bundle's inferer, set per request
+        inferer.policy, inferer.target_spacing = options["mode"], options["target"]
+        spacing = inferer.encoder_spacing(tuple(float(s) for s in image.pixdim))
         labels, info = occupancy_labels(network, image.to(device), spacing=spacing, strides=inferer.strides, chunk=inferer.chunk)
         labels = labels.cpu()
         labels.copy_meta_from(image)
